@@ -1,0 +1,394 @@
+"""The ``s2_attention`` backend: transformers' AttentionInterface function and its mask registration.
+
+When does S2-Attn apply? Only in a training forward (``module.training``) where queries and keys have the
+same length. Eval mode, decoding with a KV cache (keys longer than queries) and non-causal modules get
+exactly transformers' ``sdpa`` path: S2-Attn is a training-time approximation and the trained model runs
+with full attention.
+
+How is a batch read? Transformers hands us ``query (B, H, L, D)``, ``key/value (B, Hkv, L, D)`` and the
+``sdpa`` mask (``None`` without padding, else bool ``(B, 1, L, L)``). We reduce the batch to *documents* laid
+out one after another ("packed"), exactly as flash-attn's varlen API sees them:
+
+- a row without padding is one document;
+- a padded row (left or right) is one document made of its real tokens, so its groups start at its first
+  real token and its outputs do not depend on how much padding it has (pad positions output zeros);
+- a packed row (TRL ``padding_free``/``packing``: ``cu_seq_lens_q`` or restarting ``position_ids``) is one
+  document per packed sequence: groups restart at each document and nothing crosses documents.
+
+``groups.plan_s2`` turns the document lengths into segment boundaries for both head halves and a varlen
+kernel (SDPA runs here, flash-attn on CUDA) does causal attention inside each segment. A mask that is not
+plain padding/packing (a custom 4D mask, a sliding window narrower than the groups) is honoured by a dense
+fallback: the model's mask AND the S2 pattern, with a one-time warning.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.utils import logging
+
+from .flash import flash_varlen_attention, use_flash_attn
+from .groups import S2Plan, gqa_pieces, plan_s2, split_heads
+from .sdpa import sdpa_varlen_attention
+from .settings import S2Settings, install_config_knobs
+
+logger = logging.get_logger(__name__)
+
+S2_ATTENTION = "s2_attention"
+_UNSUPPORTED_KWARGS = ("softcap", "position_bias", "s_aux", "sinks")
+# rows of the mask checked at a time when verifying its structure (bounds the temporary memory)
+_VERIFY_ROWS = 1024
+
+
+@dataclass
+class _Layout:
+    """How a ``(B, L)`` batch maps onto packed documents."""
+
+    document_lengths: list[int]
+    # (T,) flat index ``b * L + i`` of each packed token; None when every token of every row is real
+    token_index: torch.Tensor | None
+    # the model's mask when it is more than padding/packing: the dense fallback applies it
+    dense_mask: torch.Tensor | None
+    valid: torch.Tensor | None  # (B, L) bool: real tokens; None = all real
+    document_ids: torch.Tensor | None  # (B, L) int64 globally distinct ids; None = one per row
+
+
+class _LayoutCache:
+    """One-entry cache: all layers of a forward (and its recomputation) share the same mask objects."""
+
+    def __init__(self) -> None:
+        self.key = None
+        self.refs: tuple = ()
+        self.layout: _Layout | None = None
+
+    @staticmethod
+    def _key_of(objs, shape):
+        return (shape, tuple((id(o), o._version) if isinstance(o, torch.Tensor) else o for o in objs))
+
+    def get(self, objs, shape) -> _Layout | None:
+        if self.layout is None or self.key != self._key_of(objs, shape):
+            return None
+        # ids can be reused after garbage collection: the weak references must still point to the objects
+        for ref, obj in zip(self.refs, objs, strict=True):
+            if isinstance(obj, torch.Tensor) and ref() is not obj:
+                return None
+        return self.layout
+
+    def put(self, objs, shape, layout: _Layout) -> None:
+        self.key = self._key_of(objs, shape)
+        self.refs = tuple(weakref.ref(o) if isinstance(o, torch.Tensor) else None for o in objs)
+        self.layout = layout
+
+
+_layout_cache = _LayoutCache()
+
+
+def _document_ids(batch: int, length: int, position_ids, cu_seq_lens, device) -> torch.Tensor | None:
+    """(B, L) ids, distinct across rows and documents, or None when each row is one document."""
+    if cu_seq_lens is not None:
+        cu = [int(x) for x in cu_seq_lens.tolist()]
+        if cu[0] != 0 or cu[-1] != batch * length:
+            raise ValueError(
+                f"cu_seq_lens_q must run from 0 to batch * seq_len = {batch * length} (a flattened, padding-free "
+                f"batch), got {cu[0]}..{cu[-1]}"
+            )
+        starts = set(cu)
+        missing = [b * length for b in range(batch) if b * length not in starts]
+        if missing:
+            raise ValueError(f"cu_seq_lens_q has a document crossing a batch row boundary (at flat token {missing[0]})")
+        lengths = torch.tensor([b - a for a, b in zip(cu[:-1], cu[1:], strict=True)], device=device)
+        ids = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)
+        return ids.view(batch, length)
+    if position_ids is None:
+        return None
+    pos = position_ids.to(device).expand(batch, -1)
+    # transformers' rule (masking_utils.find_packed_sequence_indices): a document starts wherever the
+    # position does not continue the previous one
+    restart = torch.ones_like(pos, dtype=torch.bool)
+    restart[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+    if not restart[:, 1:].any():
+        return None
+    return restart.flatten().cumsum(0).view(batch, length) - 1
+
+
+def _mask_matches(mask: torch.Tensor, valid: torch.Tensor, document_ids: torch.Tensor | None) -> bool:
+    """Is the bool ``(B, 1, L, L)`` mask exactly causal & same-document & real-key on every real query row?"""
+    batch, length = valid.shape
+    cols = torch.arange(length, device=mask.device)
+    for start in range(0, length, _VERIFY_ROWS):
+        rows = torch.arange(start, min(length, start + _VERIFY_ROWS), device=mask.device)
+        expected = (cols[None, None, :] <= rows[None, :, None]) & valid[:, None, :]  # (B, r, L)
+        if document_ids is not None:
+            expected &= document_ids[:, rows, None] == document_ids[:, None, :]
+        got = mask[:, 0, rows, :]
+        if ((got != expected) & valid[:, rows, None]).any():
+            return False
+    return True
+
+
+def _analyse_batch(attention_mask, batch: int, length: int, kwargs: dict, device) -> _Layout:
+    cu_seq_lens = kwargs.get("cu_seq_lens_q")
+    position_ids = kwargs.get("position_ids")
+    objs = (attention_mask, cu_seq_lens, position_ids if attention_mask is not None else None)
+    cached = _layout_cache.get(objs, (batch, length))
+    if cached is not None:
+        return cached
+
+    # position_ids only mark documents when transformers built a mask from them (packed detection);
+    # without a mask, sdpa attends across them, and so do we
+    document_ids = _document_ids(
+        batch, length, position_ids if attention_mask is not None else None, cu_seq_lens, device
+    )
+    valid = None
+    dense_mask = None
+    if attention_mask is not None:
+        if attention_mask.dim() != 4 or attention_mask.shape[-2:] != (length, length):
+            raise ValueError(
+                f"s2_attention expects a 4D (batch, 1, {length}, {length}) attention mask in training, got shape "
+                f"{tuple(attention_mask.shape)}"
+            )
+        if attention_mask.dtype == torch.bool:
+            valid = torch.diagonal(attention_mask[:, 0], dim1=-2, dim2=-1).expand(batch, length)
+            if attention_mask.shape[1] != 1 or not _mask_matches(attention_mask, valid, document_ids):
+                dense_mask = attention_mask
+        else:
+            valid = torch.ones(batch, length, dtype=torch.bool, device=device)
+            dense_mask = attention_mask
+        if dense_mask is not None:
+            logger.warning_once(
+                "s2_attention: the attention mask is more than padding/packing (custom 4D mask or a sliding "
+                "window); applying S2-Attn on top of it with a dense mask, which is slower."
+            )
+        if bool(valid.all()):
+            valid = None
+
+    flat_ids = (
+        document_ids.flatten()
+        if document_ids is not None
+        else torch.arange(batch, device=device).repeat_interleave(length)
+    )
+    if valid is None:
+        token_index = None
+        kept = flat_ids
+    else:
+        token_index = valid.flatten().nonzero().squeeze(1)
+        kept = flat_ids.index_select(0, token_index)
+    if kept.numel() == 0:
+        lengths: list[int] = []
+    else:
+        _, counts = torch.unique_consecutive(kept, return_counts=True)
+        lengths = counts.tolist()
+    layout = _Layout(lengths, token_index, dense_mask, valid, document_ids)
+    _layout_cache.put(objs, (batch, length), layout)
+    return layout
+
+
+def _attend_packed(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    plan: S2Plan,
+    *,
+    scale: float | None,
+    dropout: float,
+) -> torch.Tensor:
+    """S2-Attn over packed tokens: ``query (T, H, D)``, ``key/value (T, Hkv, D)`` -> ``(T, H, Dv)``."""
+    num_heads, num_kv_heads = query.shape[1], key.shape[1]
+    rep = num_heads // num_kv_heads
+    varlen = flash_varlen_attention if use_flash_attn(query) else sdpa_varlen_attention
+    unshifted, shifted = split_heads(num_heads)
+    outputs = []
+    for heads, cu_seqlens, permutation in (
+        (unshifted, plan.unshifted_cu_seqlens, None),
+        (shifted, plan.shifted_cu_seqlens, plan.shifted_permutation),
+    ):
+        if len(heads) == 0:
+            continue
+        pieces = gqa_pieces(heads, rep)
+        kv_lo, kv_hi = pieces[0][1].start, pieces[-1][1].stop
+        q = query[:, heads.start : heads.stop]  # (T, h, D)
+        k = key[:, kv_lo:kv_hi]  # (T, hkv, D)
+        v = value[:, kv_lo:kv_hi]
+        if permutation is not None:  # "roll": the paper's order, wrap-around included
+            order = torch.tensor(permutation, device=query.device)
+            q, k, v = q.index_select(0, order), k.index_select(0, order), v.index_select(0, order)
+        half_out = []
+        for q_heads, kv_heads in pieces:
+            half_out.append(
+                varlen(
+                    q[:, q_heads.start - heads.start : q_heads.stop - heads.start],
+                    k[:, kv_heads.start - kv_lo : kv_heads.stop - kv_lo],
+                    v[:, kv_heads.start - kv_lo : kv_heads.stop - kv_lo],
+                    cu_seqlens,
+                    scale=scale,
+                    dropout_p=dropout,
+                )
+            )
+        out = half_out[0] if len(half_out) == 1 else torch.cat(half_out, dim=1)  # (T, h, Dv)
+        if permutation is not None:  # roll back
+            out = torch.empty_like(out).index_copy(0, order, out)
+        outputs.append(out)
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)  # (T, H, Dv)
+
+
+def _allowed_by_plan(plan: S2Plan, layout: _Layout, batch: int, length: int, device) -> torch.Tensor:
+    """Dense ``(2, B, L, L)`` bool: which keys each query may see under S2 (per head half)."""
+    total = plan.total_tokens
+    flat_index = (
+        layout.token_index if layout.token_index is not None else torch.arange(batch * length, device=device)
+    )
+    halves = []
+    for cu, permutation in (
+        (plan.unshifted_cu_seqlens, None),
+        (plan.shifted_cu_seqlens, plan.shifted_permutation),
+    ):
+        # rank[t]: place of packed token t in the half's order; segment[t]: its segment
+        rank = torch.arange(total, device=device)
+        if permutation is not None:
+            rank = torch.empty_like(rank).index_copy(0, torch.tensor(permutation, device=device), rank)
+        bounds = torch.tensor(cu[1:], device=device)
+        segment = torch.searchsorted(bounds, rank, right=True)
+        seg_grid = torch.full((batch * length,), -1, device=device, dtype=torch.long)
+        rank_grid = torch.zeros(batch * length, device=device, dtype=torch.long)
+        seg_grid[flat_index] = segment
+        rank_grid[flat_index] = rank
+        seg_grid, rank_grid = seg_grid.view(batch, length), rank_grid.view(batch, length)
+        allowed = (
+            (seg_grid[:, :, None] == seg_grid[:, None, :])
+            & (seg_grid[:, :, None] >= 0)
+            & (rank_grid[:, None, :] <= rank_grid[:, :, None])
+        )
+        halves.append(allowed)
+    return torch.stack(halves)
+
+
+def _attend_dense(query, key, value, layout: _Layout, plan: S2Plan, *, scale, dropout) -> torch.Tensor:
+    """Fallback for masks beyond padding/packing: the model's mask AND the S2 pattern, per head half."""
+    batch, num_heads, length, _ = query.shape
+    rep = num_heads // key.shape[1]
+    allowed = _allowed_by_plan(plan, layout, batch, length, query.device)  # (2, B, L, L)
+    model_mask = layout.dense_mask
+    valid = layout.valid if layout.valid is not None else torch.ones(batch, length, dtype=torch.bool)
+    valid = valid.to(query.device)
+    eye = torch.eye(length, dtype=torch.bool, device=query.device)
+    outputs = []
+    for half, heads in enumerate(split_heads(num_heads)):
+        if len(heads) == 0:
+            continue
+        for q_heads, kv_heads in gqa_pieces(heads, rep):
+            mask_heads = slice(q_heads.start, q_heads.stop) if model_mask.shape[1] > 1 else slice(None)
+            m = model_mask[:, mask_heads]
+            if m.dtype == torch.bool:
+                keep = m & allowed[half][:, None]
+                # a row with nothing to attend (padding) sees itself, so softmax stays finite; zeroed below
+                keep = keep | (eye & ~keep.any(-1, keepdim=True))
+            else:
+                keep = m.masked_fill(~allowed[half][:, None], float("-inf"))
+                empty = torch.isinf(keep).all(-1, keepdim=True) & eye
+                keep = keep.masked_fill(empty, 0.0)
+            outputs.append(
+                F.scaled_dot_product_attention(
+                    query[:, q_heads.start : q_heads.stop],
+                    key[:, kv_heads.start : kv_heads.stop],
+                    value[:, kv_heads.start : kv_heads.stop],
+                    attn_mask=keep,
+                    dropout_p=dropout,
+                    scale=scale,
+                    enable_gqa=len(q_heads) != len(kv_heads),
+                )
+            )
+    out = torch.cat(outputs, dim=1).transpose(1, 2)  # (B, L, H, Dv)
+    return torch.where(valid[:, :, None, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+def s2_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Shifted sparse attention (LongLoRA's S2-Attn) with transformers' attention-function signature.
+
+    Args:
+        module: the attention module (reads ``module.config`` knobs and ``module.training``).
+        query: ``(B, H, L, D)``.
+        key: ``(B, Hkv, L, D)``, GQA not repeated (``H % Hkv == 0``).
+        value: ``(B, Hkv, L, Dv)``.
+        attention_mask: the ``sdpa`` mask: ``None`` or bool ``(B, 1, L, L)``, True = attend.
+        dropout: attention dropout probability.
+        scaling: softmax scale.
+        **kwargs: ``position_ids``, ``cu_seq_lens_q``/``cu_seq_lens_k`` for packed batches, ...
+
+    Returns:
+        ``(attn_output (B, L, H, Dv), None)``.
+
+    In training, with G the group size of a document and h = G // 2 (positions counted from the
+    document's first real token)::
+
+        unshifted heads (first H - H//2)     shifted heads (last H//2), "partition"
+        i attends j iff j <= i and           groups [0, h), [h, h+G), [h+2G, ...), last partial;
+        i // G == j // G                     i attends j iff j <= i in the same group
+
+    Nothing wraps around, so no token ever sees a later token. ``s2_shift="roll"`` reproduces the paper's
+    roll (the first h tokens share a group with the last h and see them).
+    """
+    q_len, kv_len = query.shape[2], key.shape[2]
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if not module.training or q_len != kv_len or q_len <= 1 or not causal:
+        if module.training and not causal:
+            logger.warning_once("s2_attention: non-causal attention module, using full sdpa attention.")
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
+    for name in _UNSUPPORTED_KWARGS:
+        if kwargs.get(name) is not None:
+            raise ValueError(f"s2_attention does not support `{name}`; use attn_implementation='eager' for this model")
+
+    settings = S2Settings.from_config(module.config)
+    batch, num_heads, length, head_dim = query.shape
+    if num_heads % key.shape[1]:
+        raise ValueError(f"query heads ({num_heads}) must be a multiple of key/value heads ({key.shape[1]})")
+    layout = _analyse_batch(attention_mask, batch, length, kwargs, query.device)
+    plan = plan_s2(
+        layout.document_lengths,
+        group_size=settings.group_size,
+        group_size_ratio=settings.group_size_ratio,
+        shift=settings.shift,
+    )
+    if layout.dense_mask is not None:
+        return _attend_dense(query, key, value, layout, plan, scale=scaling, dropout=dropout), None
+
+    # (B, H, L, D) is a transposed view of (B, L, H, D) in transformers' models: packing it is free
+    q = query.transpose(1, 2).reshape(batch * length, num_heads, head_dim)  # (B*L, H, D)
+    k = key.transpose(1, 2).reshape(batch * length, key.shape[1], head_dim)  # (B*L, Hkv, D)
+    v = value.transpose(1, 2).reshape(batch * length, value.shape[1], value.shape[-1])  # (B*L, Hkv, Dv)
+    if layout.token_index is not None:  # drop padding
+        q, k, v = (t.index_select(0, layout.token_index) for t in (q, k, v))
+    if plan.total_tokens == 0:
+        return query.new_zeros(batch, length, num_heads, value.shape[-1]), None
+    out = _attend_packed(q, k, v, plan, scale=scaling, dropout=dropout)  # (T, H, Dv)
+    if layout.token_index is not None:  # pad positions output zeros
+        out = out.new_zeros(batch * length, num_heads, out.shape[-1]).index_copy(0, layout.token_index, out)
+    return out.view(batch, length, num_heads, -1), None
+
+
+def register_s2_attention() -> None:
+    """Register ``s2_attention`` with transformers (attention function, its mask, the config knobs).
+
+    Idempotent; ``import hf_longlora`` calls it. The mask function is transformers' ``sdpa_mask``: without
+    a registered mask function transformers would pass ``attention_mask=None`` and padding would be lost.
+    """
+    AttentionInterface.register(S2_ATTENTION, s2_attention_forward)
+    AttentionMaskInterface.register(S2_ATTENTION, sdpa_mask)
+    install_config_knobs()

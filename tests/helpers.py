@@ -1,0 +1,77 @@
+"""Shared helpers for the tests: tiny configs, real attention modules, random inputs."""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig, MistralConfig, Qwen2Config
+from transformers.models.llama.modeling_llama import LlamaAttention
+
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+    max_position_embeddings=512,
+)
+
+CONFIG_CLASSES = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
+
+
+def tiny_config(arch: str = "llama", **overrides):
+    kwargs = dict(TINY)
+    kwargs.update(overrides)
+    return CONFIG_CLASSES[arch](**kwargs)
+
+
+def attention_module(heads: int, kv_heads: int, head_dim: int, *, training: bool = True, **knobs) -> LlamaAttention:
+    """A real LlamaAttention whose config carries the S2 knobs; the tests call the backend with it."""
+    config = LlamaConfig(
+        hidden_size=heads * head_dim,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        intermediate_size=8,
+        num_hidden_layers=1,
+        vocab_size=8,
+        **knobs,
+    )
+    module = LlamaAttention(config, layer_idx=0)
+    module.train(training)
+    return module
+
+
+def random_qkv(batch, heads, kv_heads, length, head_dim, *, dtype=torch.float64, seed=0, requires_grad=False):
+    """q (B, H, L, D), k/v (B, Hkv, L, D) laid out as transformers lays them out: transposed views of (B, L, H, D)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def make(h):
+        t = torch.randn(batch, length, h, head_dim, generator=g, dtype=torch.float64).to(dtype)
+        t = t.transpose(1, 2)
+        if requires_grad:
+            t = t.detach().requires_grad_(True)
+        return t
+
+    return make(heads), make(kv_heads), make(kv_heads)
+
+
+def padding_mask_4d(lengths: list[int], total: int, side: str) -> tuple[torch.Tensor, list[list[list[int]]]]:
+    """transformers' sdpa mask for a padded batch and the reference's document positions."""
+    from transformers.masking_utils import sdpa_mask
+
+    mask2d = torch.zeros(len(lengths), total, dtype=torch.bool)
+    docs = []
+    for b, n in enumerate(lengths):
+        start = total - n if side == "left" else 0
+        mask2d[b, start : start + n] = True
+        docs.append([list(range(start, start + n))])
+    mask4d = sdpa_mask(
+        batch_size=len(lengths),
+        q_length=total,
+        kv_length=total,
+        attention_mask=mask2d,
+        allow_is_causal_skip=False,
+        device=torch.device("cpu"),
+    )
+    return mask4d, docs

@@ -1,0 +1,304 @@
+"""S2-Attn against the independent dense fp64 reference (tests/reference.py) on many inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import attention_module, padding_mask_4d, random_qkv
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from reference import reference_attention
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
+
+from hf_longlora import s2_attention_forward
+
+FP64_TOL = 1e-10
+HEAD_LAYOUTS = [(1, 1), (2, 1), (3, 1), (4, 2), (4, 4), (5, 5), (6, 2), (8, 2), (9, 3), (7, 7)]
+
+
+def run_s2(module, q, k, v, mask=None, **kwargs):
+    out, weights = s2_attention_forward(module, q, k, v, mask, scaling=q.shape[-1] ** -0.5, **kwargs)
+    assert weights is None
+    return out
+
+
+def real_positions(docs, batch_row):
+    return [p for doc in docs[batch_row] for p in doc]
+
+
+@st.composite
+def s2_cases(draw):
+    heads, kv_heads = draw(st.sampled_from(HEAD_LAYOUTS))
+    head_dim = draw(st.sampled_from([4, 8, 16]))
+    shift = draw(st.sampled_from(["partition", "partition", "roll"]))
+    batch = draw(st.integers(1, 3))
+    if shift == "roll":
+        group = draw(st.integers(2, 9))
+        lengths = [group * draw(st.integers(1, 5)) for _ in range(batch)]
+        knobs = {"s2_group_size": group, "s2_shift": "roll"}
+    elif draw(st.booleans()):
+        group = draw(st.integers(2, 17))
+        lengths = [draw(st.integers(1, 60)) for _ in range(batch)]
+        knobs = {"s2_group_size": group}
+    else:
+        ratio = draw(st.sampled_from([0.1, 0.25, 0.3, 0.5, 1.0]))
+        lengths = [draw(st.integers(1, 60)) for _ in range(batch)]
+        knobs = {"s2_group_size_ratio": ratio}
+    side = draw(st.sampled_from(["left", "right"]))
+    total = max(lengths) + draw(st.integers(0, 4))
+    return heads, kv_heads, head_dim, knobs, lengths, total, side
+
+
+@settings(max_examples=80, deadline=None)
+@given(case=s2_cases(), seed=st.integers(0, 2**16))
+def test_matches_dense_reference_fp64(case, seed):
+    heads, kv_heads, head_dim, knobs, lengths, total, side = case
+    module = attention_module(heads, kv_heads, head_dim, **knobs)
+    q, k, v = random_qkv(len(lengths), heads, kv_heads, total, head_dim, seed=seed)
+    if all(n == total for n in lengths):
+        mask, docs = None, [[list(range(total))] for _ in lengths]
+    else:
+        mask, docs = padding_mask_4d(lengths, total, side)
+    got = run_s2(module, q, k, v, mask)
+    want = reference_attention(
+        q,
+        k,
+        v,
+        docs,
+        group_size=knobs.get("s2_group_size"),
+        ratio=knobs.get("s2_group_size_ratio", 0.25),
+        shift=knobs.get("s2_shift", "partition"),
+    )
+    assert got.shape == (len(lengths), total, heads, head_dim)
+    torch.testing.assert_close(got, want, atol=FP64_TOL, rtol=0)
+
+
+@pytest.mark.parametrize("length", [1, 2, 7, 16, 33, 64, 100])
+@pytest.mark.parametrize("ratio", [0.125, 0.25, 0.5])
+def test_ratio_group_any_length(length, ratio):
+    module = attention_module(4, 2, 8, s2_group_size_ratio=ratio)
+    q, k, v = random_qkv(1, 4, 2, length, 8, seed=length)
+    want = reference_attention(q, k, v, [[list(range(length))]], ratio=ratio)
+    torch.testing.assert_close(run_s2(module, q, k, v), want, atol=FP64_TOL, rtol=0)
+
+
+def test_group_at_least_length_is_plain_causal():
+    module = attention_module(4, 2, 8, s2_group_size=64)
+    q, k, v = random_qkv(2, 4, 2, 40, 8)
+    want = reference_attention(q, k, v, [[list(range(40))]] * 2, full=True)
+    torch.testing.assert_close(run_s2(module, q, k, v), want, atol=FP64_TOL, rtol=0)
+
+
+def test_roll_requires_multiple_of_group():
+    module = attention_module(4, 2, 8, s2_group_size=8, s2_shift="roll")
+    q, k, v = random_qkv(1, 4, 2, 30, 8)
+    with pytest.raises(ValueError, match=r"s2_shift='roll'.*multiple of the group size.*30 tokens.*group size 8"):
+        run_s2(module, q, k, v)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# causality
+
+
+@pytest.mark.parametrize("length,group", [(32, 8), (37, 8), (50, 12), (23, 5)])
+def test_partition_is_causal(length, group):
+    """Changing token j's q, k and v never changes an output before j."""
+    module = attention_module(4, 2, 8, s2_group_size=group)
+    q, k, v = random_qkv(1, 4, 2, length, 8)
+    base = run_s2(module, q, k, v)
+    for j in range(length):
+        q2, k2, v2 = q.clone(), k.clone(), v.clone()
+        for t in (q2, k2, v2):
+            t[:, :, j] += 3.0
+        changed = run_s2(module, q2, k2, v2)
+        torch.testing.assert_close(changed[:, :j], base[:, :j], atol=0, rtol=0)
+        assert not torch.allclose(changed[:, j], base[:, j])
+
+
+def test_roll_sees_the_future_as_in_the_paper():
+    """The paper's roll lets the first h tokens of the shifted heads see the last h tokens."""
+    module = attention_module(2, 2, 8, s2_group_size=8, s2_shift="roll")
+    q, k, v = random_qkv(1, 2, 2, 32, 8)
+    base = run_s2(module, q, k, v)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, -1] += 3.0
+    v2[:, :, -1] += 3.0
+    changed = run_s2(module, q, k2, v2)
+    # head 0 (unshifted) is causal, head 1 (shifted) at position 0 sees position 31
+    torch.testing.assert_close(changed[:, :31, 0], base[:, :31, 0], atol=0, rtol=0)
+    assert not torch.allclose(changed[:, 0, 1], base[:, 0, 1])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# eval / decoding == sdpa
+
+
+def _sdpa(module, q, k, v, mask):
+    return sdpa_attention_forward(module, q, k, v, mask, scaling=q.shape[-1] ** -0.5)[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eval_mode_is_exactly_sdpa(dtype):
+    module = attention_module(9, 3, 16, training=False, s2_group_size=8)
+    q, k, v = random_qkv(2, 9, 3, 40, 16, dtype=dtype)
+    assert torch.equal(run_s2(module, q, k, v), _sdpa(module, q, k, v, None))
+    mask, _ = padding_mask_4d([40, 25], 40, "left")
+    assert torch.equal(run_s2(module, q, k, v, mask), _sdpa(module, q, k, v, mask))
+
+
+def test_decoding_with_cache_is_exactly_sdpa():
+    """Keys longer than queries (a KV cache) get full attention even in training mode."""
+    module = attention_module(4, 2, 8, training=True, s2_group_size=4)
+    q, _, _ = random_qkv(1, 4, 2, 1, 8, seed=1)
+    _, k, v = random_qkv(1, 4, 2, 33, 8, seed=2)
+    assert torch.equal(run_s2(module, q, k, v), _sdpa(module, q, k, v, None))
+    q5, _, _ = random_qkv(1, 4, 2, 5, 8, seed=3)
+    mask = sdpa_mask(batch_size=1, q_length=5, kv_length=33, q_offset=28, allow_is_causal_skip=False, device="cpu")
+    assert torch.equal(run_s2(module, q5, k, v, mask), _sdpa(module, q5, k, v, mask))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# padding and packing
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padding_invariance(side):
+    """With a fixed group size, a row's outputs depend neither on other rows nor on its padding."""
+    module = attention_module(4, 2, 8, s2_group_size=6)
+    q, k, v = random_qkv(1, 4, 2, 29, 8, seed=5)
+    alone = run_s2(module, q, k, v)[0]
+    for total, other_len in [(29, 10), (35, 35), (40, 3)]:
+        pad = total - 29
+        other_q, other_k, other_v = random_qkv(1, 4, 2, total, 8, seed=total)
+
+        def place(t, other):
+            row = torch.zeros(1, t.shape[1], total, t.shape[-1], dtype=t.dtype)
+            row[:, :, pad:] = t if side == "left" else 0
+            if side == "right":
+                row[:, :, :29] = t
+            return torch.cat([row, other], dim=0)
+
+        mask, _ = padding_mask_4d([29, other_len], total, side)
+        out = run_s2(module, place(q, other_q), place(k, other_k), place(v, other_v), mask)
+        real = slice(pad, total) if side == "left" else slice(0, 29)
+        torch.testing.assert_close(out[0, real], alone, atol=1e-12, rtol=0)
+        padded = slice(0, pad) if side == "left" else slice(29, total)
+        assert torch.count_nonzero(out[0, padded]) == 0
+
+
+def _packed_inputs(doc_lengths, heads=4, kv_heads=2, dim=8, seed=0):
+    docs = [random_qkv(1, heads, kv_heads, n, dim, seed=seed + i) for i, n in enumerate(doc_lengths)]
+    q = torch.cat([d[0] for d in docs], dim=2)
+    k = torch.cat([d[1] for d in docs], dim=2)
+    v = torch.cat([d[2] for d in docs], dim=2)
+    return docs, q, k, v
+
+
+@pytest.mark.parametrize("knobs", [{"s2_group_size": 6}, {"s2_group_size_ratio": 0.25}])
+def test_packed_equals_unpacked_with_cu_seq_lens(knobs):
+    doc_lengths = [17, 3, 40, 1, 24]
+    module = attention_module(4, 2, 8, **knobs)
+    docs, q, k, v = _packed_inputs(doc_lengths)
+    cu = torch.tensor([0, *torch.tensor(doc_lengths).cumsum(0).tolist()], dtype=torch.int32)
+    position_ids = torch.cat([torch.arange(n) for n in doc_lengths])[None]
+    packed = run_s2(
+        module,
+        q,
+        k,
+        v,
+        None,
+        cu_seq_lens_q=cu,
+        cu_seq_lens_k=cu,
+        max_length_q=max(doc_lengths),
+        max_length_k=max(doc_lengths),
+        position_ids=position_ids,
+    )
+    one_by_one = torch.cat([run_s2(module, *d) for d in docs], dim=1)
+    torch.testing.assert_close(packed, one_by_one, atol=1e-12, rtol=0)
+
+
+def test_packed_equals_unpacked_with_position_ids_and_mask():
+    """Packing detected from position_ids, as transformers builds the mask without cu_seq_lens."""
+    from transformers.masking_utils import find_packed_sequence_indices, packed_sequence_mask_function
+
+    doc_lengths = [13, 30, 9]
+    module = attention_module(4, 2, 8, s2_group_size=8)
+    docs, q, k, v = _packed_inputs(doc_lengths, seed=7)
+    position_ids = torch.cat([torch.arange(n) for n in doc_lengths])[None]
+    packed_ids = find_packed_sequence_indices(position_ids)
+    from transformers.masking_utils import and_masks, causal_mask_function
+
+    mask = sdpa_mask(
+        batch_size=1,
+        q_length=52,
+        kv_length=52,
+        mask_function=and_masks(causal_mask_function, packed_sequence_mask_function(packed_ids)),
+        allow_is_causal_skip=False,
+        device="cpu",
+    )
+    packed = run_s2(module, q, k, v, mask, position_ids=position_ids)
+    one_by_one = torch.cat([run_s2(module, *d) for d in docs], dim=1)
+    torch.testing.assert_close(packed, one_by_one, atol=1e-12, rtol=0)
+
+
+def test_sliding_window_mask_falls_back_to_dense():
+    """A mask that is more than padding (here a sliding window narrower than the group) is honoured."""
+    from transformers.masking_utils import sliding_window_causal_mask_function
+
+    module = attention_module(4, 2, 8, s2_group_size=16)
+    q, k, v = random_qkv(1, 4, 2, 40, 8)
+    mask = sdpa_mask(
+        batch_size=1,
+        q_length=40,
+        kv_length=40,
+        mask_function=sliding_window_causal_mask_function(5),
+        allow_is_causal_skip=False,
+        device="cpu",
+    )
+    got = run_s2(module, q, k, v, mask)
+    # reference: S2 pattern AND the window, dense
+    from reference import document_mask
+
+    window = mask[0, 0]
+    s2 = [document_mask(40, 16, shifted=h >= 2) for h in range(4)]
+    kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    scores = (q @ kk.transpose(-1, -2)) * 8**-0.5
+    full_mask = torch.stack([window & m for m in s2])[None]
+    want = (torch.softmax(scores.masked_fill(~full_mask, float("-inf")), -1) @ vv).transpose(1, 2)
+    torch.testing.assert_close(got, want, atol=FP64_TOL, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GQA without repeated K/V
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(9, 3), (8, 2), (6, 3), (5, 1), (12, 4)])
+def test_gqa_odd_head_counts(heads, kv_heads):
+    module = attention_module(heads, kv_heads, 8, s2_group_size=7)
+    q, k, v = random_qkv(2, heads, kv_heads, 45, 8, seed=heads)
+    want = reference_attention(q, k, v, [[list(range(45))]] * 2, group_size=7)
+    torch.testing.assert_close(run_s2(module, q, k, v), want, atol=FP64_TOL, rtol=0)
+
+
+def test_gqa_does_not_repeat_kv(monkeypatch):
+    """Every SDPA call gets whole KV heads (K/V sliced, never repeated) and enable_gqa when heads differ."""
+    import torch.nn.functional as F
+
+    calls = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        calls.append((q.shape[1], k.shape[1], kwargs.get("enable_gqa", False), k.data_ptr()))
+        return real(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    module = attention_module(9, 3, 8, s2_group_size=8)
+    q, k, v = random_qkv(1, 9, 3, 64, 8)
+    run_s2(module, q, k, v)
+    assert calls
+    k_start, k_end = k.data_ptr(), k.data_ptr() + k.numel() * k.element_size()
+    for q_heads, kv_heads, gqa, ptr in calls:
+        assert kv_heads <= 3 and q_heads % kv_heads == 0
+        assert gqa == (q_heads != kv_heads)
+        assert k_start <= ptr < k_end  # a view of the caller's K, not a copy
