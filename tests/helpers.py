@@ -25,7 +25,9 @@ def tiny_config(arch: str = "llama", **overrides):
     return CONFIG_CLASSES[arch](**kwargs)
 
 
-def attention_module(heads: int, kv_heads: int, head_dim: int, *, training: bool = True, **knobs) -> LlamaAttention:
+def attention_module(
+    heads: int, kv_heads: int, head_dim: int, *, training: bool = True, **knobs
+) -> LlamaAttention:
     """A real LlamaAttention whose config carries the S2 knobs; the tests call the backend with it."""
     config = LlamaConfig(
         hidden_size=heads * head_dim,

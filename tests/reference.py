@@ -23,7 +23,9 @@ def document_mask(length: int, group: int, *, shifted: bool, shift: str = "parti
     if shift == "partition":
         # groups [0, h), [h, h + G), [h + G, h + 2G), ...
         def gid(p):
-            return torch.where(p < half, torch.zeros_like(p), 1 + (p - half).div(group, rounding_mode="floor"))
+            return torch.where(
+                p < half, torch.zeros_like(p), 1 + (p - half).div(group, rounding_mode="floor")
+            )
 
         return (j <= i) & (gid(i) == gid(j))
     if shift == "roll":

@@ -93,7 +93,9 @@ def test_group_at_least_length_is_plain_causal():
 def test_roll_requires_multiple_of_group():
     module = attention_module(4, 2, 8, s2_group_size=8, s2_shift="roll")
     q, k, v = random_qkv(1, 4, 2, 30, 8)
-    with pytest.raises(ValueError, match=r"s2_shift='roll'.*multiple of the group size.*30 tokens.*group size 8"):
+    with pytest.raises(
+        ValueError, match=r"s2_shift='roll'.*multiple of the group size.*30 tokens.*group size 8"
+    ):
         run_s2(module, q, k, v)
 
 
@@ -154,7 +156,9 @@ def test_decoding_with_cache_is_exactly_sdpa():
     _, k, v = random_qkv(1, 4, 2, 33, 8, seed=2)
     assert torch.equal(run_s2(module, q, k, v), _sdpa(module, q, k, v, None))
     q5, _, _ = random_qkv(1, 4, 2, 5, 8, seed=3)
-    mask = sdpa_mask(batch_size=1, q_length=5, kv_length=33, q_offset=28, allow_is_causal_skip=False, device="cpu")
+    mask = sdpa_mask(
+        batch_size=1, q_length=5, kv_length=33, q_offset=28, allow_is_causal_skip=False, device="cpu"
+    )
     assert torch.equal(run_s2(module, q5, k, v, mask), _sdpa(module, q5, k, v, mask))
 
 
@@ -172,10 +176,11 @@ def test_padding_invariance(side):
         pad = total - 29
         other_q, other_k, other_v = random_qkv(1, 4, 2, total, 8, seed=total)
 
-        def place(t, other):
+        def place(t, other, total=total, pad=pad):
             row = torch.zeros(1, t.shape[1], total, t.shape[-1], dtype=t.dtype)
-            row[:, :, pad:] = t if side == "left" else 0
-            if side == "right":
+            if side == "left":
+                row[:, :, pad:] = t
+            else:
                 row[:, :, :29] = t
             return torch.cat([row, other], dim=0)
 

@@ -101,7 +101,9 @@ def _document_ids(batch: int, length: int, position_ids, cu_seq_lens, device) ->
         starts = set(cu)
         missing = [b * length for b in range(batch) if b * length not in starts]
         if missing:
-            raise ValueError(f"cu_seq_lens_q has a document crossing a batch row boundary (at flat token {missing[0]})")
+            raise ValueError(
+                f"cu_seq_lens_q has a document crossing a batch row boundary (at flat token {missing[0]})"
+            )
         lengths = torch.tensor([b - a for a, b in zip(cu[:-1], cu[1:], strict=True)], device=device)
         ids = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)
         return ids.view(batch, length)
@@ -349,11 +351,21 @@ def s2_attention_forward(
         if module.training and not causal:
             logger.warning_once("s2_attention: non-causal attention module, using full sdpa attention.")
         return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            is_causal=is_causal,
+            **kwargs,
         )
     for name in _UNSUPPORTED_KWARGS:
         if kwargs.get(name) is not None:
-            raise ValueError(f"s2_attention does not support `{name}`; use attn_implementation='eager' for this model")
+            raise ValueError(
+                f"s2_attention does not support `{name}`; use attn_implementation='eager' for this model"
+            )
 
     settings = S2Settings.from_config(module.config)
     batch, num_heads, length, head_dim = query.shape

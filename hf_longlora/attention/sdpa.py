@@ -44,7 +44,9 @@ def sdpa_varlen_attention(
     total, num_heads, head_dim = query.shape
     num_kv_heads = key.shape[1]
     if cu_seqlens[0] != 0 or cu_seqlens[-1] != total:
-        raise ValueError(f"cu_seqlens must start at 0 and end at {total} tokens, got {cu_seqlens[0]}..{cu_seqlens[-1]}")
+        raise ValueError(
+            f"cu_seqlens must start at 0 and end at {total} tokens, got {cu_seqlens[0]}..{cu_seqlens[-1]}"
+        )
     if num_heads % num_kv_heads:
         raise ValueError(f"query heads ({num_heads}) must be a multiple of key/value heads ({num_kv_heads})")
     gqa = num_heads != num_kv_heads
@@ -52,9 +54,15 @@ def sdpa_varlen_attention(
     outputs = []
     for start, length, count in equal_length_runs(cu_seqlens):
         span = length * count
-        q = query.narrow(0, start, span).view(count, length, num_heads, head_dim).transpose(1, 2)  # (n, Hq, len, D)
-        k = key.narrow(0, start, span).view(count, length, num_kv_heads, head_dim).transpose(1, 2)  # (n, Hkv, len, D)
-        v = value.narrow(0, start, span).view(count, length, num_kv_heads, -1).transpose(1, 2)  # (n, Hkv, len, Dv)
+        q = (
+            query.narrow(0, start, span).view(count, length, num_heads, head_dim).transpose(1, 2)
+        )  # (n, Hq, len, D)
+        k = (
+            key.narrow(0, start, span).view(count, length, num_kv_heads, head_dim).transpose(1, 2)
+        )  # (n, Hkv, len, D)
+        v = (
+            value.narrow(0, start, span).view(count, length, num_kv_heads, -1).transpose(1, 2)
+        )  # (n, Hkv, len, Dv)
         out = F.scaled_dot_product_attention(
             q, k, v, dropout_p=dropout_p, is_causal=length > 1, scale=scale, enable_gqa=gqa
         )  # (n, Hq, len, Dv)
