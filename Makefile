@@ -1,4 +1,5 @@
 # Two entry points for a fresh machine: `make demo` and `make test`.
+# The test venv has the `quant` extra (bitsandbytes): the NF4 tests run for real on CPU.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -12,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "$(TORCH_SPEC)"
-	$(PIP) install --quiet -e ".[dev]"
+	$(PIP) install --quiet -e ".[dev,quant]"
 	touch $@
 
 demo: $(VENV)/.installed

@@ -14,9 +14,25 @@ Public API:
 - :class:`S2Settings`: the knobs as read from a config;
 - :func:`s2_attention_forward`: the attention function (transformers' AttentionInterface signature);
 - :func:`register_s2_attention`: (re-)register the backend (done on import).
+
+Adapters (LongLoRA = LoRA + trainable embeddings and norms):
+
+- :class:`LongLoraConfig`: the PEFT config (a ``peft.LoraConfig`` subclass);
+- :func:`get_longlora_model`: ``get_peft_model`` that records the context extension and keeps tied embeddings tied;
+- :func:`load_adapter`: load an adapter onto its base, restoring the context extension it was trained with;
+- :func:`extend_context`: RoPE position interpolation (``linear``), ``yarn`` or ``dynamic``;
+- :func:`load_model`: load a causal LM ready for LongLoRA (backend, context extension, optional NF4 4-bit);
+- :func:`merge_and_save`: fold an adapter into a standalone checkpoint;
+- :func:`push_to_hub`, :func:`build_model_card`: publish with a model card.
 """
 
+from .adapter import get_longlora_model, load_adapter
 from .attention import S2_ATTENTION, S2Settings, configure_s2, register_s2_attention, s2_attention_forward
+from .context import extend_context
+from .hub import build_model_card, push_to_hub
+from .loading import load_model
+from .merge import merge_and_save
+from .peft_config import LongLoraConfig
 
 __version__ = "0.1.0.dev0"
 
@@ -24,9 +40,17 @@ register_s2_attention()
 
 __all__ = [
     "S2_ATTENTION",
+    "LongLoraConfig",
     "S2Settings",
     "__version__",
+    "build_model_card",
     "configure_s2",
+    "extend_context",
+    "get_longlora_model",
+    "load_adapter",
+    "load_model",
+    "merge_and_save",
+    "push_to_hub",
     "register_s2_attention",
     "s2_attention_forward",
 ]

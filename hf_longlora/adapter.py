@@ -1,0 +1,203 @@
+"""The adapter lifecycle: wrap a model for LongLoRA, and load a saved adapter back with its context extension.
+
+``get_longlora_model`` is ``peft.get_peft_model`` plus three things: it records the model's context extension and
+S2 settings in the config (so they are saved with the adapter), it checks that the embeddings and norms it should
+train exist (and that every norm of the model is covered), and it keeps tied input/output embeddings tied.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from peft import PeftModel, get_peft_model
+from safetensors import SafetensorError, safe_open
+from transformers import PreTrainedModel
+
+from .attention import S2Settings
+from .context import context_length, original_context_length
+from .loading import load_model
+from .peft_config import LongLoraConfig
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_NORM_CLASS_SUFFIXES = ("RMSNorm", "LayerNorm", "GroupNorm")
+
+
+def _is_norm(module: torch.nn.Module) -> bool:
+    return isinstance(module, torch.nn.LayerNorm) or type(module).__name__.endswith(_NORM_CLASS_SUFFIXES)
+
+
+def record_context(config: LongLoraConfig, model: PreTrainedModel) -> LongLoraConfig:
+    """Copy the model's context extension and S2 settings into the adapter config (saved with the adapter)."""
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config.context_length = context_length(text_config)
+    config.original_context_length = original_context_length(text_config)
+    params = getattr(text_config, "rope_parameters", None)
+    config.rope_parameters = dict(params) if params else None
+    s2 = S2Settings.from_config(text_config)
+    config.s2_attention = {
+        "group_size_ratio": s2.group_size_ratio,
+        "group_size": s2.group_size,
+        "shift": s2.shift,
+    }
+    return config
+
+
+def _ties_embeddings(model: PreTrainedModel) -> bool:
+    out = model.get_output_embeddings()
+    inp = model.get_input_embeddings()
+    return out is not None and inp is not None and out.weight is inp.weight
+
+
+def get_longlora_model(
+    model: PreTrainedModel, config: LongLoraConfig | None = None, adapter_name: str = "default"
+) -> PeftModel:
+    """Wrap ``model`` for LongLoRA training: LoRA on the attention projections, embeddings and norms trained in full.
+
+    Raises:
+        ValueError: the embedding or norm names in ``config`` match nothing, or some norm of the model would stay
+            frozen while ``trainable_norms`` is set.
+    """
+    config = config if config is not None else LongLoraConfig()
+    if not isinstance(config, LongLoraConfig):
+        raise TypeError(f"config must be a LongLoraConfig, got {type(config).__name__}")
+    names = [name for name, _ in model.named_modules()]
+    if config.trainable_embeddings:
+        input_embeddings = model.get_input_embeddings()
+        embedding_names = [n for n, m in model.named_modules() if m is input_embeddings]
+        if not any(n.endswith(s) for n in embedding_names for s in config.embedding_module_names):
+            raise ValueError(
+                f"embedding_module_names={config.embedding_module_names} does not match the model's input embedding "
+                f"{embedding_names}; set LongLoraConfig(embedding_module_names=[...])"
+            )
+    if config.trainable_norms:
+        norms = [n for n, m in model.named_modules() if _is_norm(m)]
+        uncovered = [n for n in norms if not any(n.endswith(s) for s in config.norm_module_names)]
+        if not norms or uncovered:
+            raise ValueError(
+                f"norm_module_names={config.norm_module_names} leaves these norms frozen: {uncovered or 'no norm found'}"
+                "; set LongLoraConfig(norm_module_names=[...])"
+            )
+        overreach = [
+            n
+            for n in names
+            if any(n.endswith(s) for s in config.norm_module_names)
+            and n
+            and not _is_norm(model.get_submodule(n))
+        ]
+        if overreach:
+            raise ValueError(
+                f"norm_module_names={config.norm_module_names} also matches non-norm modules {overreach}"
+            )
+    if config.trainable_embeddings and _ties_embeddings(model):
+        # PEFT then trains one tensor shared by the input embeddings and the tied output layer
+        config.ensure_weight_tying = True
+    record_context(config, model)
+    return get_peft_model(model, config, adapter_name=adapter_name)
+
+
+def _read_adapter_tensors_meta(adapter_dir: str) -> dict[str, tuple[int, ...]]:
+    path = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"no {ADAPTER_WEIGHTS} in {adapter_dir!r} (adapters are read from safetensors only)"
+        )
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"{path} is not a readable safetensors file: {exc}") from exc
+
+
+def check_adapter_matches_base(model: torch.nn.Module, adapter_dir: str) -> None:
+    """Raise ValueError naming the first adapter tensor whose module is missing from ``model`` or has another shape."""
+    shapes = _read_adapter_tensors_meta(adapter_dir)
+    modules = dict(model.named_modules(remove_duplicate=False))
+    params = dict(model.named_parameters(remove_duplicate=False))  # tied weights under every name
+    for key, shape in shapes.items():
+        name = key.removeprefix("base_model.model.")
+        for suffix, dim, what in ((".lora_A.weight", 1, "in"), (".lora_B.weight", 0, "out")):
+            if name.endswith(suffix):
+                module_name = name[: -len(suffix)]
+                module = modules.get(module_name)
+                if module is None:
+                    raise ValueError(f"adapter module {module_name!r} does not exist in the base model")
+                weight = getattr(module, "weight", None)
+                if isinstance(module, torch.nn.Embedding):
+                    expected = module.num_embeddings if what == "in" else module.embedding_dim
+                else:
+                    expected = getattr(module, f"{what}_features", None)
+                    if expected is None and weight is not None:
+                        expected = weight.shape[1 if what == "in" else 0]
+                if expected != shape[dim]:
+                    raise ValueError(
+                        f"the adapter was trained on a different base: module {module_name!r} has {what}_features="
+                        f"{expected} but the adapter's {suffix[1:]} has shape {list(shape)}"
+                    )
+                break
+        else:
+            if ".lora_" in name:
+                continue  # magnitude vectors and other variants: PEFT checks them
+            param = params.get(name)
+            if param is None:
+                raise ValueError(
+                    f"adapter module {name.rpartition('.')[0]!r} does not exist in the base model (adapter tensor {key!r})"
+                )
+            if tuple(param.shape) != shape:
+                raise ValueError(
+                    f"the adapter was trained on a different base: {name!r} has shape {list(param.shape)} in the base "
+                    f"but {list(shape)} in the adapter"
+                )
+
+
+def restore_context(model: PreTrainedModel, config: LongLoraConfig) -> None:
+    """Re-apply the context extension recorded in an adapter config to a base model."""
+    from .context import _rebuild_rotary_embeddings
+
+    if not config.rope_parameters or not config.context_length:
+        return
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    current = getattr(text_config, "rope_parameters", None)
+    if current == config.rope_parameters and context_length(text_config) == config.context_length:
+        return
+    text_config.rope_parameters = dict(config.rope_parameters)
+    if config.original_context_length is not None:
+        text_config.original_max_position_embeddings = config.original_context_length
+    text_config.longlora_context_length = config.context_length
+    dynamic = config.rope_parameters.get("rope_type") == "dynamic"
+    text_config.max_position_embeddings = config.original_context_length if dynamic else config.context_length
+    _rebuild_rotary_embeddings(model)
+
+
+def load_adapter(
+    base: str | PreTrainedModel,
+    adapter_dir: str,
+    *,
+    is_trainable: bool = False,
+    adapter_name: str = "default",
+    **load_model_kwargs: Any,
+) -> PeftModel:
+    """Load a LongLoRA adapter onto its base, restoring the context extension it was trained with.
+
+    Args:
+        base: the base model (path, Hub id or a loaded model).
+        adapter_dir: a directory written by ``save_pretrained`` of a LongLoRA PeftModel.
+        is_trainable: keep training the adapter.
+        **load_model_kwargs: for :func:`hf_longlora.load_model` when ``base`` is a path (``dtype``, ``load_in_4bit``, ...).
+
+    Raises before loading any weights: FileNotFoundError (missing adapter files), ValueError (corrupt files,
+    unknown config fields, an adapter trained on another base: the first mismatching module and shapes).
+    """
+    config = LongLoraConfig.from_pretrained(adapter_dir)
+    _read_adapter_tensors_meta(adapter_dir)
+    if isinstance(base, str):
+        load_model_kwargs.setdefault("attn_implementation", "sdpa" if not is_trainable else "s2_attention")
+        model = load_model(base, **load_model_kwargs)
+    else:
+        model = base
+    restore_context(model, config)
+    check_adapter_matches_base(model, adapter_dir)
+    return PeftModel.from_pretrained(
+        model, adapter_dir, adapter_name=adapter_name, is_trainable=is_trainable, config=config
+    )

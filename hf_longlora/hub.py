@@ -1,0 +1,175 @@
+"""Model card and Hub push for LongLoRA adapters and merged models.
+
+The token is never passed around here: ``huggingface_hub.HfApi`` reads it from ``HF_TOKEN`` or the saved login
+(``hf auth login``), and nothing in this module prints or logs it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import HfApi, ModelCard, ModelCardData
+
+from .peft_config import LongLoraConfig
+
+TAGS = ["longlora", "s2-attn", "lora", "peft", "text-generation"]
+EVAL_SUMMARY_FILES = ("eval_summary.json", "summary.json")
+
+
+def _eval_summary(folder: Path) -> dict[str, Any] | None:
+    for name in EVAL_SUMMARY_FILES:
+        path = folder / name
+        if path.is_file():
+            try:
+                return json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+    return None
+
+
+def _eval_table(summary: dict[str, Any]) -> str:
+    lines = []
+    perplexity = summary.get("perplexity") or {}
+    if perplexity:
+        stages = list(perplexity)
+        lengths = sorted({int(k) for stage in stages for k in perplexity[stage]})
+        lines += ["| context length | " + " | ".join(f"perplexity ({s})" for s in stages) + " |"]
+        lines += ["|---|" + "---|" * len(stages)]
+        for n in lengths:
+            cells = []
+            for s in stages:
+                value = perplexity[s].get(str(n), perplexity[s].get(n))
+                cells.append(f"{value:.2f}" if isinstance(value, (int, float)) else "")
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    passkey = summary.get("passkey")
+    if passkey:
+        lines += ["", "| passkey retrieval | accuracy |", "|---|---|"]
+        for stage, value in passkey.items():
+            lines.append(
+                f"| {stage} | {value:.2%} |" if isinstance(value, (int, float)) else f"| {stage} | {value} |"
+            )
+    return "\n".join(lines)
+
+
+def build_model_card(folder: str | Path, *, merged: bool = False, base_model: str | None = None) -> ModelCard:
+    """A model card for a LongLoRA adapter directory (or a merged checkpoint made from one).
+
+    Metadata: ``library_name`` (peft for an adapter, transformers for a merged model), ``base_model``, tags.
+    Body: target context, RoPE scaling, S2-Attn settings, trainable modules, training data, and the evaluation
+    table when ``eval_summary.json`` (or ``summary.json``) sits in the folder.
+    """
+    folder = Path(folder)
+    adapter_config_path = folder / "adapter_config.json"
+    info: dict[str, Any] = {}
+    if adapter_config_path.is_file():
+        config = LongLoraConfig.from_pretrained(str(folder))
+        info = {
+            "base_model": base_model or config.base_model_name_or_path,
+            "context_length": config.context_length,
+            "original_context_length": config.original_context_length,
+            "rope_parameters": config.rope_parameters,
+            "s2_attention": config.s2_attention,
+            "lora": f"r={config.r}, alpha={config.lora_alpha}, dropout={config.lora_dropout}, "
+            f"target modules {sorted(config.target_modules) if config.target_modules else None}",
+            "modules_to_save": config.modules_to_save,
+            "training_data": config.training_data,
+        }
+    elif (folder / "config.json").is_file():
+        model_config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        info = {
+            "base_model": base_model,
+            "context_length": model_config.get("longlora_context_length")
+            or model_config.get("max_position_embeddings"),
+            "original_context_length": model_config.get("original_max_position_embeddings"),
+            "rope_parameters": model_config.get("rope_parameters"),
+            "s2_attention": {k: v for k, v in model_config.items() if k.startswith("s2_")} or None,
+        }
+    else:
+        raise FileNotFoundError(f"{str(folder)!r} holds neither adapter_config.json nor config.json")
+
+    data = ModelCardData(
+        library_name="transformers" if merged else "peft",
+        base_model=info.get("base_model"),
+        tags=list(TAGS),
+        pipeline_tag="text-generation",
+    )
+    name = folder.resolve().name
+    body = [
+        f"# {name}",
+        "",
+        f"A {'merged model' if merged else 'LoRA adapter'} trained with [LongLoRA](https://arxiv.org/abs/2309.12307) "
+        "(shifted sparse attention, LoRA with trainable embeddings and norms) using hf_longlora.",
+        "",
+        "## Context extension",
+        "",
+        f"- target context length: {info.get('context_length')} tokens",
+        f"- original context length: {info.get('original_context_length')} tokens",
+        f"- RoPE scaling: `{json.dumps(info.get('rope_parameters'))}`",
+        f"- S2-Attn (training only; inference uses full attention): `{json.dumps(info.get('s2_attention'))}`",
+    ]
+    if "lora" in info:
+        body += [
+            "",
+            "## Training",
+            "",
+            f"- LoRA: {info['lora']}",
+            f"- trained in full (modules_to_save): {info['modules_to_save']}",
+            f"- training data: {', '.join(info['training_data']) if info.get('training_data') else 'not recorded'}",
+        ]
+    summary = _eval_summary(folder)
+    if summary:
+        body += ["", "## Evaluation (full attention)", "", _eval_table(summary)]
+    body += [
+        "",
+        "## Usage",
+        "",
+        "```python",
+        "import hf_longlora",
+        f"model = hf_longlora.load_adapter({info.get('base_model')!r}, {name!r})"
+        if not merged
+        else f"model = AutoModelForCausalLM.from_pretrained({name!r})  # plain transformers",
+        "```",
+    ]
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body) + "\n")
+    return card
+
+
+def push_to_hub(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    merged: bool = False,
+    base_model: str | None = None,
+    commit_message: str = "Upload LongLoRA model",
+    api: HfApi | None = None,
+) -> str:
+    """Upload an adapter directory (or a merged checkpoint, ``merged=True``) with its model card.
+
+    The folder is copied to a staging directory with the generated README.md (the folder itself is not modified),
+    then ``HfApi.create_repo`` and ``HfApi.upload_folder`` run. Returns the commit URL.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{str(folder)!r} is not a directory")
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise ValueError(f"repo_id must look like 'ORG/NAME', got {repo_id!r}")
+    if merged and not (folder / "config.json").is_file():
+        raise ValueError(f"--merged: {str(folder)!r} has no config.json (run `hf-longlora merge` first)")
+    if not merged and not (folder / "adapter_config.json").is_file():
+        raise ValueError(f"{str(folder)!r} has no adapter_config.json (pass --merged for a merged model)")
+    card = build_model_card(folder, merged=merged, base_model=base_model)
+    api = api or HfApi()
+    with tempfile.TemporaryDirectory() as tmp:
+        staging = Path(tmp) / folder.name
+        shutil.copytree(folder, staging, ignore=shutil.ignore_patterns("checkpoint-*", "runs", "__pycache__"))
+        card.save(staging / "README.md")
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        commit = api.upload_folder(
+            folder_path=str(staging), repo_id=repo_id, repo_type="model", commit_message=commit_message
+        )
+    return str(getattr(commit, "commit_url", commit))

@@ -1,0 +1,111 @@
+"""load_model: one call that loads a causal LM ready for LongLoRA (backend, context extension, optional NF4)."""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from .attention import S2_ATTENTION, configure_s2, register_s2_attention
+from .context import ROPE_METHODS, extend_context
+
+# kwargs of from_pretrained that locate or read the checkpoint, so the config must be read with them too
+_LOCATION_KWARGS = (
+    "gguf_file",
+    "revision",
+    "subfolder",
+    "cache_dir",
+    "token",
+    "trust_remote_code",
+    "local_files_only",
+)
+_S2_KWARGS = {"s2_group_size_ratio": "group_size_ratio", "s2_group_size": "group_size", "s2_shift": "shift"}
+
+
+def is_bitsandbytes_available() -> bool:
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def nf4_quantization_config(
+    compute_dtype: torch.dtype = torch.bfloat16, quant_storage: torch.dtype | None = None
+):
+    """QLoRA's quantisation: NF4 with double quantisation and bf16 compute.
+
+    ``quant_storage`` must equal the model dtype for DeepSpeed ZeRO-3 / FSDP sharding of a 4-bit model.
+    """
+    if not is_bitsandbytes_available():
+        raise ImportError("load_in_4bit=True needs bitsandbytes: pip install 'hf-longlora[quant]'")
+    from transformers import BitsAndBytesConfig
+
+    kwargs = {"bnb_4bit_quant_storage": quant_storage} if quant_storage is not None else {}
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+        **kwargs,
+    )
+
+
+def load_model(
+    name_or_path: str,
+    *,
+    context_length: int | None = None,
+    rope_method: str = "linear",
+    load_in_4bit: bool = False,
+    attn_implementation: str = S2_ATTENTION,
+    activation_checkpointing: bool = True,
+    **from_pretrained_kwargs: Any,
+) -> PreTrainedModel:
+    """Load a causal LM ready for LongLoRA.
+
+    Args:
+        name_or_path: a local directory or Hub id (``gguf_file=`` works too).
+        context_length: extend the context to this many tokens with :func:`hf_longlora.extend_context`
+            (applied to the config before the weights load, so the rotary embeddings are built for it).
+        rope_method: "linear" (position interpolation, the paper), "yarn" or "dynamic".
+        load_in_4bit: QLoRA: NF4 weights with double quantisation and bf16 compute through bitsandbytes, then
+            ``peft.prepare_model_for_kbit_training``.
+        attn_implementation: "s2_attention" (default) or any transformers backend.
+        activation_checkpointing: with ``load_in_4bit``, passed to ``prepare_model_for_kbit_training``.
+        **from_pretrained_kwargs: passed to ``AutoModelForCausalLM.from_pretrained`` (``dtype``, ``device_map``,
+            ...); ``s2_group_size_ratio`` / ``s2_group_size`` / ``s2_shift`` are set on the config.
+
+    All arguments are checked before any weights load.
+    """
+    if rope_method not in ROPE_METHODS:
+        raise ValueError(f"rope_method must be one of {ROPE_METHODS}, got {rope_method!r}")
+    if context_length is not None and (
+        isinstance(context_length, bool) or not isinstance(context_length, int)
+    ):
+        raise ValueError(f"context_length must be an int or None, got {context_length!r}")
+    if load_in_4bit and "quantization_config" in from_pretrained_kwargs:
+        raise ValueError("pass either load_in_4bit=True or quantization_config, not both")
+    quantization_config = nf4_quantization_config() if load_in_4bit else None
+    register_s2_attention()
+
+    s2_knobs = {
+        _S2_KWARGS[k]: from_pretrained_kwargs.pop(k) for k in list(from_pretrained_kwargs) if k in _S2_KWARGS
+    }
+    config = from_pretrained_kwargs.pop("config", None)
+    if config is None:
+        location = {k: from_pretrained_kwargs[k] for k in _LOCATION_KWARGS if k in from_pretrained_kwargs}
+        config = AutoConfig.from_pretrained(name_or_path, **location)
+    if s2_knobs:
+        configure_s2(config, **s2_knobs)
+    if context_length is not None:
+        extend_context(config, context_length, rope_method)
+    if quantization_config is not None:
+        from_pretrained_kwargs["quantization_config"] = quantization_config
+        from_pretrained_kwargs.setdefault("dtype", torch.bfloat16)
+
+    model = AutoModelForCausalLM.from_pretrained(
+        name_or_path, config=config, attn_implementation=attn_implementation, **from_pretrained_kwargs
+    )
+    if load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=activation_checkpointing)
+    return model
