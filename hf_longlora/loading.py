@@ -107,5 +107,9 @@ def load_model(
     if load_in_4bit:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=activation_checkpointing)
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=activation_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
     return model

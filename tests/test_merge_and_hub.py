@@ -1,0 +1,197 @@
+"""Merging adapters into standalone checkpoints, and the Hub push with its model card (HfApi intercepted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import tiny_config
+from huggingface_hub import HfApi
+from transformers import AutoModelForCausalLM
+
+import hf_longlora
+from hf_longlora import cli, extend_context, get_longlora_model, load_adapter, merge_and_save
+
+
+def _base_and_adapter(tmp_path, arch="llama", tie=False):
+    torch.manual_seed(0)
+    config = tiny_config(arch, max_position_embeddings=64, tie_word_embeddings=tie)
+    base = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    base.save_pretrained(tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", attn_implementation="s2_attention")
+    extend_context(model, 256)
+    peft_model = get_longlora_model(model)
+    peft_model.peft_config["default"].training_data = ["offline-corpus"]
+    torch.manual_seed(1)
+    peft_model.train()
+    ids = torch.randint(0, 128, (2, 200))
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        peft_model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    peft_model.save_pretrained(tmp_path / "adapter")
+    return tmp_path / "base", tmp_path / "adapter", ids
+
+
+PLAIN_LOAD = """
+import sys, json, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+ids = torch.tensor(json.loads(sys.argv[2]))
+with torch.no_grad():
+    logits = model(ids).logits
+torch.save(logits, sys.argv[3])
+assert "hf_longlora" not in sys.modules
+print(json.dumps(model.config.rope_parameters), model.config.max_position_embeddings)
+"""
+
+
+@pytest.mark.parametrize("arch,tie", [("llama", False), ("mistral", False), ("qwen2", True)])
+def test_merged_model_loads_with_plain_transformers_and_matches(tmp_path, arch, tie):
+    base, adapter, ids = _base_and_adapter(tmp_path, arch, tie)
+    adapter_model = load_adapter(str(base), str(adapter))
+    with torch.no_grad():
+        want = adapter_model(ids).logits
+    out = merge_and_save(str(base), str(adapter), str(tmp_path / "merged"))
+    files = sorted(p.name for p in out.iterdir())
+    assert "model.safetensors" in files and "config.json" in files
+    assert not any(f.endswith((".bin", ".pt")) for f in files)
+    config = json.loads((out / "config.json").read_text())
+    assert config["rope_parameters"]["rope_type"] == "linear" and config["rope_parameters"]["factor"] == 4.0
+    assert config["max_position_embeddings"] == 256
+
+    result = subprocess.run(
+        [sys.executable, "-c", PLAIN_LOAD, str(out), json.dumps(ids.tolist()), str(tmp_path / "logits.pt")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert '"factor": 4.0' in result.stdout
+    got = torch.load(tmp_path / "logits.pt", weights_only=True)
+    assert (got - want).abs().max().item() <= 1e-5
+
+
+def test_merge_refuses_to_overwrite(tmp_path):
+    base, adapter, _ = _base_and_adapter(tmp_path)
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match="not empty; pass overwrite=True"):
+        merge_and_save(str(base), str(adapter), str(out))
+    assert (out / "keep.txt").read_text() == "precious"
+    code = cli.main(["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(out)])
+    assert code == 2 and (out / "keep.txt").exists()
+    assert (
+        cli.main(["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(out), "--overwrite"])
+        == 0
+    )
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+
+
+def test_merge_from_a_bad_adapter_keeps_out_dir(tmp_path):
+    base, adapter, _ = _base_and_adapter(tmp_path)
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    (adapter / "adapter_model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        merge_and_save(str(base), str(adapter), str(out), overwrite=True)
+    assert (out / "keep.txt").read_text() == "precious"
+
+
+@pytest.mark.slow
+def test_merge_cli_in_a_subprocess(tmp_path):
+    base, adapter, _ = _base_and_adapter(tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "hf_longlora.cli", "merge", "--base", str(base), "--adapter", str(adapter),
+         "--out", str(tmp_path / "m"), "--dtype", "bf16"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert merged.dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------------------------------------------------- hub
+
+
+class RecordingHub:
+    """Stands in for the Hub at HfApi's method boundary: records calls and the uploaded folder's contents."""
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        self.files = {}
+        hub = self
+
+        def create_repo(api, repo_id, *, private=False, exist_ok=False, repo_type=None, **kwargs):
+            hub.calls.append(("create_repo", repo_id, private, exist_ok, repo_type))
+            return f"https://huggingface.co/{repo_id}"
+
+        def upload_folder(api, *, folder_path, repo_id, repo_type=None, commit_message=None, **kwargs):
+            from pathlib import Path
+
+            root = Path(folder_path)
+            hub.files = {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+            hub.calls.append(("upload_folder", repo_id, repo_type, commit_message))
+            return f"https://huggingface.co/{repo_id}/commit/0123"
+
+        monkeypatch.setattr(HfApi, "create_repo", create_repo)
+        monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+
+
+def test_push_adapter_with_card(tmp_path, monkeypatch, capsys):
+    _, adapter, _ = _base_and_adapter(tmp_path)
+    (adapter / "eval_summary.json").write_text(
+        json.dumps({"perplexity": {"before": {"64": 30.5, "256": 80.1}, "after": {"64": 31.0, "256": 40.2}},
+                    "passkey": {"before": 0.1, "after": 0.9}})
+    )  # fmt: skip
+    peft_readme = (adapter / "README.md").read_text()  # PEFT writes its own card on save
+    secret = "hf_SECRETtoken1234567890"
+    monkeypatch.setenv("HF_TOKEN", secret)
+    hub = RecordingHub(monkeypatch)
+    code = cli.main(["push", "--adapter", str(adapter), "--repo-id", "me/tiny-longlora", "--private"])
+    assert code == 0
+    assert hub.calls[0] == ("create_repo", "me/tiny-longlora", True, True, "model")
+    assert hub.calls[1][:3] == ("upload_folder", "me/tiny-longlora", "model")
+    assert sorted(hub.files) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "eval_summary.json",
+    ]
+    card = hf_longlora.build_model_card(adapter)
+    readme = hub.files["README.md"].decode()
+    assert readme == str(card) or readme.strip() == str(card).strip()
+    meta = card.data.to_dict()
+    assert meta["library_name"] == "peft"
+    assert meta["base_model"] == str(tmp_path / "base")
+    assert meta["tags"] == ["longlora", "s2-attn", "lora", "peft", "text-generation"]
+    assert "target context length: 256 tokens" in readme and "original context length: 64" in readme
+    assert '"rope_type": "linear"' in readme and '"group_size_ratio": 0.25' in readme
+    assert "embed_tokens" in readme and "offline-corpus" in readme
+    assert "| 256 | 80.10 | 40.20 |" in readme and "| after | 90.00% |" in readme
+    captured = capsys.readouterr()
+    assert secret not in captured.out + captured.err + readme
+    assert (adapter / "README.md").read_text() == peft_readme  # the adapter folder is not modified
+
+
+def test_push_merged_and_bad_input(tmp_path, monkeypatch):
+    base, adapter, _ = _base_and_adapter(tmp_path)
+    merged = merge_and_save(str(base), str(adapter), str(tmp_path / "merged"))
+    hub = RecordingHub(monkeypatch)
+    hf_longlora.push_to_hub(merged, "me/merged", merged=True, base_model="me/base")
+    assert "model.safetensors" in hub.files and "README.md" in hub.files
+    card = hub.files["README.md"].decode()
+    assert "library_name: transformers" in card and "base_model: me/base" in card
+    with pytest.raises(ValueError, match="repo_id must look like 'ORG/NAME'"):
+        hf_longlora.push_to_hub(adapter, "no-slash")
+    with pytest.raises(ValueError, match="has no config.json"):
+        hf_longlora.push_to_hub(adapter, "me/x", merged=True)
+    with pytest.raises(ValueError, match="has no adapter_config.json"):
+        hf_longlora.push_to_hub(merged, "me/x")
+    assert len(hub.calls) == 2  # nothing was uploaded for the bad calls
