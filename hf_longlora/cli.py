@@ -39,9 +39,59 @@ def _push(args: argparse.Namespace) -> int:
     return 0
 
 
+def training_parser(command: str):
+    """TrlParser for `train` (ModelConfig, corpus, LongLoRA, TrainingArguments) or `sft` (TRL's sft script's
+    dataclasses plus LongLoRA's and the LongAlpaca data arguments), with LongLoRA's recipe defaults."""
+    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig, TrlParser
+
+    from .training import CorpusArguments, LongLoraArguments, SFTDataArguments, recipe_defaults_for
+
+    if command == "train":
+        from transformers import TrainingArguments
+
+        types = (ModelConfig, CorpusArguments, LongLoraArguments, TrainingArguments)
+    else:
+        types = (
+            ScriptArguments,
+            SFTConfig,
+            ModelConfig,
+            DatasetMixtureConfig,
+            LongLoraArguments,
+            SFTDataArguments,
+        )
+    parser = TrlParser(types, prog=f"hf-longlora {command}")
+    recipe_defaults_for(parser)
+    return parser
+
+
+def _run_training(command: str, argv: list[str]) -> int:
+    from .callbacks import NonFiniteLossError
+    from .training import run_pretraining, run_sft
+
+    parser = training_parser(command)
+    try:
+        parsed = parser.parse_args_and_config(argv, fail_with_unknown_args=True)
+        if command == "train":
+            model_args, corpus_args, longlora_args, training_args = parsed
+            run_pretraining(model_args, corpus_args, longlora_args, training_args)
+        else:
+            script_args, training_args, model_args, dataset_args, longlora_args, data_args = parsed
+            run_sft(script_args, training_args, model_args, dataset_args, longlora_args, data_args)
+    except (ValueError, FileNotFoundError, ImportError, NonFiniteLossError) as exc:
+        print(f"hf-longlora {command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-longlora", description="LongLoRA for the Hugging Face stack.")
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser(
+        "train", help="continued pretraining on long documents (--config YAML; see docs/training.md)"
+    )
+    sub.add_parser(
+        "sft", help="SFT on LongAlpaca-format data through TRL (--config YAML; see docs/training.md)"
+    )
 
     merge = sub.add_parser("merge", help="fold an adapter into a standalone transformers checkpoint")
     merge.add_argument("--base", required=True, help="base model path or Hub id the adapter was trained on")
@@ -69,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("train", "sft"):
+        return _run_training(argv[0], argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -77,3 +77,55 @@ def padding_mask_4d(lengths: list[int], total: int, side: str) -> tuple[torch.Te
         device=torch.device("cpu"),
     )
     return mask4d, docs
+
+
+def train_tiny_tokenizer(vocab_size: int = 400):
+    """A real byte-level BPE trained on offline text (pydoc's topics), as a transformers fast tokenizer."""
+    import importlib.util
+    from pathlib import Path
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    text = (Path(importlib.util.find_spec("pydoc_data").origin).parent / "topics.py").read_text(
+        encoding="utf-8"
+    )
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([text[i : i + 5000] for i in range(0, 200_000, 5000)], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = (
+        "{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+    )
+    return fast
+
+
+def make_tiny_checkpoint(
+    path, arch: str = "llama", max_position_embeddings: int = 64, seed: int = 0, **overrides
+):
+    """Save a tiny randomly initialised causal LM with a real tokenizer to `path`; returns the path."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = train_tiny_tokenizer()
+    torch.manual_seed(seed)
+    config = tiny_config(
+        arch,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **overrides,
+    )
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

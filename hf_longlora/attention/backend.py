@@ -88,6 +88,10 @@ class _LayoutCache:
 
 _layout_cache = _LayoutCache()
 
+# How many attention calls took each path since import: "s2" (S2-Attn) or "full" (sdpa). Read by
+# hf_longlora.callbacks.S2StateCallback to show that training steps use S2 and evaluation uses full attention.
+ATTENTION_CALLS = {"s2": 0, "full": 0}
+
 
 def _document_ids(batch: int, length: int, position_ids, cu_seq_lens, device) -> torch.Tensor | None:
     """(B, L) ids, distinct across rows and documents, or None when each row is one document."""
@@ -350,6 +354,7 @@ def s2_attention_forward(
     if not module.training or q_len != kv_len or q_len <= 1 or not causal:
         if module.training and not causal:
             logger.warning_once("s2_attention: non-causal attention module, using full sdpa attention.")
+        ATTENTION_CALLS["full"] += 1
         return sdpa_attention_forward(
             module,
             query,
@@ -368,6 +373,7 @@ def s2_attention_forward(
             )
 
     settings = S2Settings.from_config(module.config)
+    ATTENTION_CALLS["s2"] += 1
     batch, num_heads, length, head_dim = query.shape
     if num_heads % key.shape[1]:
         raise ValueError(f"query heads ({num_heads}) must be a multiple of key/value heads ({key.shape[1]})")

@@ -1,0 +1,253 @@
+"""Trainer callbacks for long-context training; they work with any transformers Trainer or TRL trainer.
+
+Metrics are added to the trainer's log entries (``trainer.state.log_history`` and every reporter). Reporters
+(TensorBoard, W&B, ...) see them only if these callbacks run before them: pass them through
+:func:`add_longlora_callbacks`, which puts them first.
+
+- :class:`ThroughputMemoryCallback`: ``train_tokens_per_second`` and ``peak_memory_gb`` (process peak RSS on CPU,
+  ``torch.cuda.max_memory_allocated`` on CUDA) at every log.
+- :class:`S2StateCallback`: counts the attention calls that used S2-Attn and full attention, in training steps and
+  in evaluation; logs ``s2_attention_calls_train``, ``full_attention_calls_train`` once and warns if training ran
+  without S2-Attn or evaluation with it.
+- :class:`LongContextEvalCallback`: every ``eval_steps`` optimizer steps, perplexity at several context lengths on
+  held-out long documents and passkey retrieval accuracy, with full attention (eval mode).
+- :class:`StopOnNonFiniteLossCallback`: a NaN or inf loss (or gradient norm) stops training with a clear error, before
+  a checkpoint of the broken state is saved.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import sys
+import time
+from collections.abc import Sequence
+
+import torch
+from transformers import TrainerCallback
+from transformers.utils import logging
+
+from .attention.backend import ATTENTION_CALLS
+
+logger = logging.get_logger(__name__)
+
+
+def peak_memory_bytes() -> int:
+    """Peak memory of this process: max allocated on CUDA, else the peak resident set size."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return int(torch.cuda.max_memory_allocated())
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # Linux reports KiB
+
+
+class ThroughputMemoryCallback(TrainerCallback):
+    """Tokens per second of training (between logs) and peak memory.
+
+    Counts the tokens of each batch from ``attention_mask`` (or ``input_ids``) through the trainer's
+    ``num_input_tokens_seen`` when enabled, else by the batch shape seen at step begin.
+    """
+
+    def __init__(self) -> None:
+        self._tokens = 0
+        self._elapsed = 0.0
+        self._step_start: float | None = None
+        self._tokens_at_start = 0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._step_start = time.perf_counter()
+        self._tokens_at_start = state.num_input_tokens_seen
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._step_start is None:
+            return
+        self._elapsed += time.perf_counter() - self._step_start
+        seen = state.num_input_tokens_seen - self._tokens_at_start
+        self._tokens += seen
+        self._step_start = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or "loss" not in logs:
+            return
+        if self._elapsed > 0 and self._tokens > 0:
+            logs["train_tokens_per_second"] = round(self._tokens / self._elapsed, 2)
+        logs["peak_memory_gb"] = round(peak_memory_bytes() / 2**30, 4)
+        self._tokens, self._elapsed = 0, 0.0
+
+
+class S2StateCallback(TrainerCallback):
+    """Show which attention ran where: training steps should use S2-Attn, evaluation full attention."""
+
+    def __init__(self) -> None:
+        self._at_step_begin: dict[str, int] | None = None
+        self._train = {"s2": 0, "full": 0}
+        self._eval_start: dict[str, int] | None = None
+        self._reported = False
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._at_step_begin = dict(ATTENTION_CALLS)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._at_step_begin is not None:
+            for key in self._train:
+                self._train[key] += ATTENTION_CALLS[key] - self._at_step_begin[key]
+            self._at_step_begin = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or "loss" not in logs or self._reported:
+            return
+        logs["s2_attention_calls_train"] = self._train["s2"]
+        logs["full_attention_calls_train"] = self._train["full"]
+        model = kwargs.get("model")
+        impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        if self._train["s2"] == 0:
+            logger.warning(f"training steps did not use S2-Attn (attn_implementation={impl!r})")
+        else:
+            logger.info(
+                f"S2-Attn: {self._train['s2']} attention calls in training steps used S2-Attn, "
+                f"{self._train['full']} full attention; evaluation and generation use full attention"
+            )
+        self._reported = True
+
+    def on_prediction_step(self, args, state, control, **kwargs):
+        if self._eval_start is None:
+            self._eval_start = dict(ATTENTION_CALLS)
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if self._eval_start is not None:
+            s2 = ATTENTION_CALLS["s2"] - self._eval_start["s2"]
+            if s2:
+                logger.warning(
+                    f"evaluation used S2-Attn in {s2} attention calls; it should use full attention"
+                )
+            if metrics is not None:
+                metrics["eval_s2_attention_calls"] = s2
+                metrics["eval_full_attention_calls"] = ATTENTION_CALLS["full"] - self._eval_start["full"]
+        self._eval_start = None
+
+
+class LongContextEvalCallback(TrainerCallback):
+    """Perplexity at several lengths and passkey accuracy, logged every ``eval_steps`` optimizer steps.
+
+    Args:
+        eval_token_ids: held-out long documents, tokenized (one list of ids per document).
+        lengths: context lengths to evaluate perplexity at (non-overlapping windows).
+        tokenizer: needed for passkey retrieval.
+        passkey_lengths: prompt lengths for passkey retrieval (empty: skip).
+        passkey_trials: prompts per length (depths spread over [0, 1]).
+        eval_steps: run every this many optimizer steps (and at the end of training).
+        max_windows: windows per length (the first ones of the concatenated documents).
+        seed: passkey seed.
+    """
+
+    def __init__(
+        self,
+        eval_token_ids: Sequence[Sequence[int]],
+        lengths: Sequence[int],
+        *,
+        tokenizer=None,
+        passkey_lengths: Sequence[int] = (),
+        passkey_trials: int = 4,
+        eval_steps: int = 100,
+        max_windows: int = 4,
+        seed: int = 0,
+    ) -> None:
+        if passkey_lengths and tokenizer is None:
+            raise ValueError("LongContextEvalCallback: passkey_lengths needs a tokenizer")
+        if eval_steps < 1:
+            raise ValueError(f"eval_steps must be >= 1, got {eval_steps}")
+        self.stream = [t for doc in eval_token_ids for t in doc]
+        too_long = [n for n in lengths if n > len(self.stream)]
+        if too_long:
+            raise ValueError(
+                f"LongContextEvalCallback: held-out text has {len(self.stream)} tokens, < lengths {too_long}"
+            )
+        self.lengths = list(lengths)
+        self.tokenizer = tokenizer
+        self.passkey_lengths = list(passkey_lengths)
+        self.passkey_trials = passkey_trials
+        self.eval_steps = eval_steps
+        self.max_windows = max_windows
+        self.seed = seed
+        self._pending: dict[str, float] = {}
+
+    @torch.no_grad()
+    def evaluate(self, model) -> dict[str, float]:
+        from .data.passkey import passkey_prompt
+
+        was_training = model.training
+        model.eval()  # full attention
+        device = next(model.parameters()).device
+        metrics: dict[str, float] = {}
+        try:
+            for length in self.lengths:
+                nll, count = 0.0, 0
+                for w in range(min(self.max_windows, len(self.stream) // length)):
+                    ids = torch.tensor([self.stream[w * length : (w + 1) * length]], device=device)
+                    out = model(input_ids=ids, labels=ids, use_cache=False)
+                    nll += out.loss.item() * (length - 1)
+                    count += length - 1
+                metrics[f"eval_ppl_{length}"] = round(math.exp(nll / count), 4)
+            for length in self.passkey_lengths:
+                hits = 0
+                for trial in range(self.passkey_trials):
+                    depth = trial / max(1, self.passkey_trials - 1)
+                    prompt, key = passkey_prompt(self.tokenizer, length, depth, seed=self.seed + trial)
+                    ids = self.tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+                    out = model.generate(input_ids=ids, max_new_tokens=8, do_sample=False)
+                    answer = self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+                    hits += key in answer.split(".")[0].replace(" ", "")
+                metrics[f"eval_passkey_{length}"] = hits / self.passkey_trials
+        finally:
+            model.train(was_training)
+        return metrics
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if model is not None and (
+            state.global_step % self.eval_steps == 0 or state.global_step >= state.max_steps
+        ):
+            self._pending = self.evaluate(model)
+            control.should_log = True
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None and self._pending:
+            logs.update(self._pending)
+            self._pending = {}
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or inf loss."""
+
+
+class StopOnNonFiniteLossCallback(TrainerCallback):
+    """Raise :class:`NonFiniteLossError` when a logged loss or gradient norm is NaN or inf.
+
+    Raising from ``on_log`` stops the trainer before it evaluates or saves at that step, so the checkpoints on
+    disk are the last good ones. Use ``logging_steps=1`` to catch it at the first bad step.
+    """
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs:
+            return
+        for key in ("loss", "grad_norm"):
+            value = logs.get(key)
+            if isinstance(value, (int, float)) and not math.isfinite(value):
+                last = state.best_model_checkpoint or _last_checkpoint(args.output_dir)
+                raise NonFiniteLossError(
+                    f"training stopped at step {state.global_step}: {key} is {value}. Last good checkpoint: "
+                    f"{last or 'none saved yet'}. Lower the learning rate, check the data, or use bf16/fp32."
+                )
+
+
+def _last_checkpoint(output_dir: str) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    try:
+        return get_last_checkpoint(output_dir)
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def add_longlora_callbacks(trainer, callbacks: Sequence[TrainerCallback]) -> None:
+    """Put ``callbacks`` first in the trainer's handler, so reporters see the metrics they add to the logs."""
+    for callback in reversed(list(callbacks)):
+        trainer.callback_handler.callbacks.insert(0, callback)
