@@ -307,3 +307,138 @@ def test_gqa_does_not_repeat_kv(monkeypatch):
         assert kv_heads <= 3 and q_heads % kv_heads == 0
         assert gqa == (q_heads != kv_heads)
         assert k_start <= ptr < k_end  # a view of the caller's K, not a copy
+
+
+# ---------------------------------------------------------------------------------------------------------
+# more packing, masks and modes
+
+
+@st.composite
+def packed_cases(draw):
+    heads, kv_heads = draw(st.sampled_from(HEAD_LAYOUTS))
+    shift = draw(st.sampled_from(["partition", "roll"]))
+    if shift == "roll":
+        group = draw(st.integers(2, 8))
+        lengths = [group * draw(st.integers(1, 4)) for _ in range(draw(st.integers(1, 5)))]
+        knobs = {"s2_group_size": group, "s2_shift": "roll"}
+    else:
+        lengths = [draw(st.integers(1, 40)) for _ in range(draw(st.integers(1, 5)))]
+        knobs = draw(
+            st.sampled_from([{"s2_group_size": 5}, {"s2_group_size_ratio": 0.25}, {"s2_group_size": 16}])
+        )
+    return heads, kv_heads, knobs, lengths
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=packed_cases(), seed=st.integers(0, 2**16))
+def test_packed_documents_match_reference(case, seed):
+    heads, kv_heads, knobs, lengths = case
+    module = attention_module(heads, kv_heads, 8, **knobs)
+    total = sum(lengths)
+    q, k, v = random_qkv(1, heads, kv_heads, total, 8, seed=seed)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    starts = cu[:-1].tolist()
+    docs = [[list(range(s, s + n)) for s, n in zip(starts, lengths, strict=True)]]
+    got = run_s2(module, q, k, v, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu)
+    want = reference_attention(
+        q,
+        k,
+        v,
+        docs,
+        group_size=knobs.get("s2_group_size"),
+        ratio=knobs.get("s2_group_size_ratio", 0.25),
+        shift=knobs.get("s2_shift", "partition"),
+    )
+    torch.testing.assert_close(got, want, atol=FP64_TOL, rtol=0)
+
+
+def test_cu_seq_lens_over_several_batch_rows():
+    """cu_seq_lens may describe a (B, L) batch flattened row by row; documents may not cross rows."""
+    module = attention_module(4, 2, 8, s2_group_size=4)
+    q, k, v = random_qkv(2, 4, 2, 20, 8)
+    cu = torch.tensor([0, 7, 20, 31, 40], dtype=torch.int32)
+    docs = [[list(range(0, 7)), list(range(7, 20))], [list(range(0, 11)), list(range(11, 20))]]
+    got = run_s2(module, q, k, v, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu)
+    torch.testing.assert_close(got, reference_attention(q, k, v, docs, group_size=4), atol=FP64_TOL, rtol=0)
+    crossing = torch.tensor([0, 25, 40], dtype=torch.int32)
+    with pytest.raises(ValueError, match="crossing a batch row boundary"):
+        run_s2(module, q, k, v, None, cu_seq_lens_q=crossing)
+
+
+def test_mask_broadcast_over_the_batch():
+    module = attention_module(4, 2, 8, s2_group_size=6)
+    q, k, v = random_qkv(3, 4, 2, 30, 8)
+    causal = torch.tril(torch.ones(30, 30, dtype=torch.bool))[None, None]  # (1, 1, L, L)
+    want = reference_attention(q, k, v, [[list(range(30))]] * 3, group_size=6)
+    torch.testing.assert_close(run_s2(module, q, k, v, causal), want, atol=FP64_TOL, rtol=0)
+
+
+def test_sliding_window_wider_than_groups_keeps_the_fast_path(monkeypatch):
+    """S2 AND a window wider than every segment is S2: no dense mask is built."""
+    import torch.nn.functional as F
+    from transformers.masking_utils import sliding_window_causal_mask_function
+
+    masks = []
+    real = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        masks.append(kwargs.get("attn_mask"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    module = attention_module(4, 2, 8, s2_group_size=8)
+    q, k, v = random_qkv(1, 4, 2, 40, 8)
+    mask = sdpa_mask(
+        batch_size=1,
+        q_length=40,
+        kv_length=40,
+        mask_function=sliding_window_causal_mask_function(12),
+        allow_is_causal_skip=False,
+        device="cpu",
+    )
+    got = run_s2(module, q, k, v, mask, sliding_window=12)
+    torch.testing.assert_close(
+        got, reference_attention(q, k, v, [[list(range(40))]], group_size=8), atol=FP64_TOL, rtol=0
+    )
+    assert masks and all(m is None for m in masks)
+
+
+def test_dense_fallback_with_padding():
+    """A sliding window narrower than the groups, on a left-padded batch: window AND S2, per row."""
+    from reference import document_mask
+    from transformers.masking_utils import sliding_window_causal_mask_function
+
+    module = attention_module(4, 2, 8, s2_group_size=16)
+    q, k, v = random_qkv(2, 4, 2, 36, 8)
+    pad = torch.ones(2, 36, dtype=torch.bool)
+    pad[1, :10] = False
+    mask = sdpa_mask(
+        batch_size=2,
+        q_length=36,
+        kv_length=36,
+        mask_function=sliding_window_causal_mask_function(5),
+        attention_mask=pad,
+        allow_is_causal_skip=False,
+        device="cpu",
+    )
+    got = run_s2(module, q, k, v, mask, sliding_window=5)
+    kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    for b, start in ((0, 0), (1, 10)):
+        n = 36 - start
+        window = mask[b, 0, start:, start:]
+        full_mask = torch.stack([window & document_mask(n, 16, shifted=h >= 2) for h in range(4)])
+        scores = (q[b, :, start:] @ kk[b, :, start:].transpose(-1, -2)) * 8**-0.5
+        want = (
+            torch.softmax(scores.masked_fill(~full_mask, float("-inf")), -1) @ vv[b, :, start:]
+        ).transpose(0, 1)
+        torch.testing.assert_close(got[b, start:], want, atol=FP64_TOL, rtol=0)
+    assert torch.count_nonzero(got[1, :10]) == 0
+
+
+def test_training_forward_under_inference_mode():
+    module = attention_module(4, 2, 8, s2_group_size=4)
+    q, k, v = random_qkv(2, 4, 2, 12, 8)
+    mask, docs = padding_mask_4d([12, 7], 12, "right")
+    with torch.inference_mode():
+        got = run_s2(module, q, k, v, mask)
+    torch.testing.assert_close(got, reference_attention(q, k, v, docs, group_size=4), atol=FP64_TOL, rtol=0)

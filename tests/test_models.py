@@ -30,6 +30,19 @@ def saved_llama(tmp_path):
     return tmp_path
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_from_pretrained_every_architecture(arch, tmp_path):
+    build(arch, attn="sdpa", dtype=torch.float32).save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(
+        tmp_path, attn_implementation="s2_attention", s2_group_size=8
+    )
+    assert model.config._attn_implementation == "s2_attention"
+    ids = torch.randint(0, 128, (1, 40))
+    before = hf_longlora.attention.backend.ATTENTION_CALLS["s2"]
+    model.train()(ids, labels=ids, use_cache=False).loss.backward()
+    assert hf_longlora.attention.backend.ATTENTION_CALLS["s2"] - before == model.config.num_hidden_layers
+
+
 def test_from_pretrained_with_backend_and_knobs(saved_llama):
     model = AutoModelForCausalLM.from_pretrained(
         saved_llama, attn_implementation="s2_attention", s2_group_size=16, s2_shift="roll"

@@ -24,7 +24,7 @@ fallback: the model's mask AND the S2 pattern, with a one-time warning.
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -48,42 +48,50 @@ _VERIFY_ROWS = 1024
 
 @dataclass
 class _Layout:
-    """How a ``(B, L)`` batch maps onto packed documents."""
+    """How a ``(B, L)`` batch maps onto packed documents (holds no reference to the mask itself)."""
 
     document_lengths: list[int]
     # (T,) flat index ``b * L + i`` of each packed token; None when every token of every row is real
     token_index: torch.Tensor | None
-    # the model's mask when it is more than padding/packing: the dense fallback applies it
-    dense_mask: torch.Tensor | None
+    # "plain": no mask or padding/packing only; "window": that AND a sliding window of `window` tokens;
+    # "dense": anything else (the dense fallback applies the model's mask)
+    mask_kind: str
+    window: int | None
     valid: torch.Tensor | None  # (B, L) bool: real tokens; None = all real
     document_ids: torch.Tensor | None  # (B, L) int64 globally distinct ids; None = one per row
+    # plans per S2 settings, with the roll order as a tensor (built once per forward, shared by the layers)
+    plans: dict = field(default_factory=dict)
 
 
 class _LayoutCache:
     """One-entry cache: all layers of a forward (and its recomputation) share the same mask objects."""
 
     def __init__(self) -> None:
-        self.key = None
-        self.refs: tuple = ()
-        self.layout: _Layout | None = None
+        self.entry: tuple = (None, (), None)
 
     @staticmethod
     def _key_of(objs, shape):
-        return (shape, tuple((id(o), o._version) if isinstance(o, torch.Tensor) else o for o in objs))
+        # inference tensors have no version counter (torch.inference_mode)
+        return (
+            shape,
+            tuple(
+                (id(o), None if o.is_inference() else o._version) if isinstance(o, torch.Tensor) else o for o in objs
+            ),
+        )
 
     def get(self, objs, shape) -> _Layout | None:
-        if self.layout is None or self.key != self._key_of(objs, shape):
+        key, refs, layout = self.entry  # one read: replicas in threads never mix entries
+        if layout is None or key != self._key_of(objs, shape):
             return None
         # ids can be reused after garbage collection: the weak references must still point to the objects
-        for ref, obj in zip(self.refs, objs, strict=True):
+        for ref, obj in zip(refs, objs, strict=True):
             if isinstance(obj, torch.Tensor) and ref() is not obj:
                 return None
-        return self.layout
+        return layout
 
     def put(self, objs, shape, layout: _Layout) -> None:
-        self.key = self._key_of(objs, shape)
-        self.refs = tuple(weakref.ref(o) if isinstance(o, torch.Tensor) else None for o in objs)
-        self.layout = layout
+        refs = tuple(weakref.ref(o) if isinstance(o, torch.Tensor) else None for o in objs)
+        self.entry = (self._key_of(objs, shape), refs, layout)
 
 
 _layout_cache = _LayoutCache()
@@ -123,13 +131,18 @@ def _document_ids(batch: int, length: int, position_ids, cu_seq_lens, device) ->
     return restart.flatten().cumsum(0).view(batch, length) - 1
 
 
-def _mask_matches(mask: torch.Tensor, valid: torch.Tensor, document_ids: torch.Tensor | None) -> bool:
-    """Is the bool ``(B, 1, L, L)`` mask exactly causal & same-document & real-key on every real query row?"""
+def _mask_matches(
+    mask: torch.Tensor, valid: torch.Tensor, document_ids: torch.Tensor | None, window: int | None = None
+) -> bool:
+    """Is the bool ``(B, 1, L, L)`` mask exactly causal & same-document & real-key (& within ``window``: i - j <
+    window, transformers' sliding window) on every real query row?"""
     batch, length = valid.shape
     cols = torch.arange(length, device=mask.device)
     for start in range(0, length, _VERIFY_ROWS):
         rows = torch.arange(start, min(length, start + _VERIFY_ROWS), device=mask.device)
         expected = (cols[None, None, :] <= rows[None, :, None]) & valid[:, None, :]  # (B, r, L)
+        if window is not None:
+            expected &= cols[None, None, :] > rows[None, :, None] - window
         if document_ids is not None:
             expected &= document_ids[:, rows, None] == document_ids[:, None, :]
         got = mask[:, 0, rows, :]
@@ -152,7 +165,7 @@ def _analyse_batch(attention_mask, batch: int, length: int, kwargs: dict, device
         batch, length, position_ids if attention_mask is not None else None, cu_seq_lens, device
     )
     valid = None
-    dense_mask = None
+    mask_kind, window = "plain", None
     if attention_mask is not None:
         if attention_mask.dim() != 4 or attention_mask.shape[-2:] != (length, length):
             raise ValueError(
@@ -160,17 +173,20 @@ def _analyse_batch(attention_mask, batch: int, length: int, kwargs: dict, device
                 f"{tuple(attention_mask.shape)}"
             )
         if attention_mask.dtype == torch.bool:
-            valid = torch.diagonal(attention_mask[:, 0], dim1=-2, dim2=-1).expand(batch, length)
-            if attention_mask.shape[1] != 1 or not _mask_matches(attention_mask, valid, document_ids):
-                dense_mask = attention_mask
+            # a real token attends to itself, padding does not: the diagonal marks the real tokens
+            valid = torch.diagonal(attention_mask[:, 0], dim1=-2, dim2=-1).expand(batch, length).clone()
+            sliding = kwargs.get("sliding_window")
+            if attention_mask.shape[1] != 1:
+                mask_kind = "dense"
+            elif _mask_matches(attention_mask, valid, document_ids):
+                mask_kind = "plain"
+            elif sliding is not None and _mask_matches(attention_mask, valid, document_ids, window=int(sliding)):
+                mask_kind, window = "window", int(sliding)
+            else:
+                mask_kind = "dense"
         else:
             valid = torch.ones(batch, length, dtype=torch.bool, device=device)
-            dense_mask = attention_mask
-        if dense_mask is not None:
-            logger.warning_once(
-                "s2_attention: the attention mask is more than padding/packing (custom 4D mask or a sliding "
-                "window); applying S2-Attn on top of it with a dense mask, which is slower."
-            )
+            mask_kind = "dense"
         if bool(valid.all()):
             valid = None
 
@@ -190,9 +206,33 @@ def _analyse_batch(attention_mask, batch: int, length: int, kwargs: dict, device
     else:
         _, counts = torch.unique_consecutive(kept, return_counts=True)
         lengths = counts.tolist()
-    layout = _Layout(lengths, token_index, dense_mask, valid, document_ids)
+    layout = _Layout(lengths, token_index, mask_kind, window, valid, document_ids)
     _layout_cache.put(objs, (batch, length), layout)
     return layout
+
+
+def _plan_for(layout: _Layout, settings: S2Settings, device) -> tuple[S2Plan, torch.Tensor | None]:
+    """The S2 plan of a layout for these settings, and the roll order on `device` (cached on the layout)."""
+    key = (settings, str(device))
+    if key not in layout.plans:
+        plan = plan_s2(
+            layout.document_lengths,
+            group_size=settings.group_size,
+            group_size_ratio=settings.group_size_ratio,
+            shift=settings.shift,
+        )
+        order = None if plan.shifted_permutation is None else torch.tensor(plan.shifted_permutation, device=device)
+        layout.plans[key] = (plan, order)
+    return layout.plans[key]
+
+
+def _needs_dense(layout: _Layout, plan: S2Plan) -> bool:
+    """A sliding window wider than every S2 segment changes nothing (S2 AND window == S2); otherwise go dense."""
+    if layout.mask_kind == "plain":
+        return False
+    if layout.mask_kind == "window" and plan.shifted_permutation is None:
+        return max(plan.max_unshifted, plan.max_shifted) > layout.window
+    return True
 
 
 def _attend_packed(
@@ -200,6 +240,7 @@ def _attend_packed(
     key: torch.Tensor,
     value: torch.Tensor,
     plan: S2Plan,
+    order: torch.Tensor | None,
     *,
     scale: float | None,
     dropout: float,
@@ -212,7 +253,7 @@ def _attend_packed(
     outputs = []
     for heads, cu_seqlens, permutation in (
         (unshifted, plan.unshifted_cu_seqlens, None),
-        (shifted, plan.shifted_cu_seqlens, plan.shifted_permutation),
+        (shifted, plan.shifted_cu_seqlens, order),
     ):
         if len(heads) == 0:
             continue
@@ -222,8 +263,7 @@ def _attend_packed(
         k = key[:, kv_lo:kv_hi]  # (T, hkv, D)
         v = value[:, kv_lo:kv_hi]
         if permutation is not None:  # "roll": the paper's order, wrap-around included
-            order = torch.tensor(permutation, device=query.device)
-            q, k, v = q.index_select(0, order), k.index_select(0, order), v.index_select(0, order)
+            q, k, v = q.index_select(0, permutation), k.index_select(0, permutation), v.index_select(0, permutation)
         half_out = []
         for q_heads, kv_heads in pieces:
             half_out.append(
@@ -238,7 +278,7 @@ def _attend_packed(
             )
         out = half_out[0] if len(half_out) == 1 else torch.cat(half_out, dim=1)  # (T, h, Dv)
         if permutation is not None:  # roll back
-            out = torch.empty_like(out).index_copy(0, order, out)
+            out = torch.empty_like(out).index_copy(0, permutation, out)
         outputs.append(out)
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)  # (T, H, Dv)
 
@@ -274,12 +314,13 @@ def _allowed_by_plan(plan: S2Plan, layout: _Layout, batch: int, length: int, dev
     return torch.stack(halves)
 
 
-def _attend_dense(query, key, value, layout: _Layout, plan: S2Plan, *, scale, dropout) -> torch.Tensor:
+def _attend_dense(query, key, value, model_mask, layout: _Layout, plan: S2Plan, *, scale, dropout) -> torch.Tensor:
     """Fallback for masks beyond padding/packing: the model's mask AND the S2 pattern, per head half."""
     batch, num_heads, length, _ = query.shape
     rep = num_heads // key.shape[1]
     allowed = _allowed_by_plan(plan, layout, batch, length, query.device)  # (2, B, L, L)
-    model_mask = layout.dense_mask
+    if model_mask is None:  # a layout that needs no mask but is sent here (not expected): allow everything
+        model_mask = torch.ones(1, 1, length, length, dtype=torch.bool, device=query.device)
     valid = layout.valid if layout.valid is not None else torch.ones(batch, length, dtype=torch.bool)
     valid = valid.to(query.device)
     eye = torch.eye(length, dtype=torch.bool, device=query.device)
@@ -378,14 +419,13 @@ def s2_attention_forward(
     if num_heads % key.shape[1]:
         raise ValueError(f"query heads ({num_heads}) must be a multiple of key/value heads ({key.shape[1]})")
     layout = _analyse_batch(attention_mask, batch, length, kwargs, query.device)
-    plan = plan_s2(
-        layout.document_lengths,
-        group_size=settings.group_size,
-        group_size_ratio=settings.group_size_ratio,
-        shift=settings.shift,
-    )
-    if layout.dense_mask is not None:
-        return _attend_dense(query, key, value, layout, plan, scale=scaling, dropout=dropout), None
+    plan, order = _plan_for(layout, settings, query.device)
+    if _needs_dense(layout, plan):
+        logger.warning_once(
+            "s2_attention: the attention mask is more than padding/packing (a custom 4D mask, or a sliding window "
+            "narrower than the S2 groups); applying S2-Attn on top of it with a dense mask, which is slower."
+        )
+        return _attend_dense(query, key, value, attention_mask, layout, plan, scale=scaling, dropout=dropout), None
 
     # (B, H, L, D) is a transposed view of (B, L, H, D) in transformers' models: packing it is free
     q = query.transpose(1, 2).reshape(batch * length, num_heads, head_dim)  # (B*L, H, D)
@@ -395,7 +435,7 @@ def s2_attention_forward(
         q, k, v = (t.index_select(0, layout.token_index) for t in (q, k, v))
     if plan.total_tokens == 0:
         return query.new_zeros(batch, length, num_heads, value.shape[-1]), None
-    out = _attend_packed(q, k, v, plan, scale=scaling, dropout=dropout)  # (T, H, Dv)
+    out = _attend_packed(q, k, v, plan, order, scale=scaling, dropout=dropout)  # (T, H, Dv)
     if layout.token_index is not None:  # pad positions output zeros
         out = out.new_zeros(batch * length, num_heads, out.shape[-1]).index_copy(0, layout.token_index, out)
     return out.view(batch, length, num_heads, -1), None
