@@ -7,6 +7,7 @@ train exist (and that every norm of the model is covered), and it keeps tied inp
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any
 
@@ -59,7 +60,7 @@ def get_longlora_model(
         ValueError: the embedding or norm names in ``config`` match nothing, or some norm of the model would stay
             frozen while ``trainable_norms`` is set.
     """
-    config = config if config is not None else LongLoraConfig()
+    config = copy.deepcopy(config) if config is not None else LongLoraConfig()  # the caller's stays as it was
     if not isinstance(config, LongLoraConfig):
         raise TypeError(f"config must be a LongLoraConfig, got {type(config).__name__}")
     names = [name for name, _ in model.named_modules()]
@@ -137,8 +138,8 @@ def check_adapter_matches_base(model: torch.nn.Module, adapter_dir: str) -> None
                     )
                 break
         else:
-            if ".lora_" in name:
-                continue  # magnitude vectors and other variants: PEFT checks them
+            if ".lora_" in name or ".token_adapter." in name:
+                continue  # DoRA magnitudes, trainable-token deltas: PEFT checks them
             param = params.get(name)
             if param is None:
                 raise ValueError(
@@ -152,9 +153,12 @@ def check_adapter_matches_base(model: torch.nn.Module, adapter_dir: str) -> None
 
 
 def restore_context(model: PreTrainedModel, config: LongLoraConfig) -> None:
-    """Re-apply the context extension recorded in an adapter config to a base model."""
+    """Re-apply the context extension and S2 settings recorded in an adapter config to a base model."""
+    from .attention import configure_s2
     from .context import _rebuild_rotary_embeddings
 
+    if config.s2_attention:
+        configure_s2(model, **config.s2_attention)
     if not config.rope_parameters or not config.context_length:
         return
     text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -191,9 +195,17 @@ def load_adapter(
     """
     config = LongLoraConfig.from_pretrained(adapter_dir)
     _read_adapter_tensors_meta(adapter_dir)
-    if isinstance(base, str):
+    if isinstance(base, (str, os.PathLike)):
+        # check the adapter against the base's architecture on the meta device, before loading any weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        location = {k: load_model_kwargs[k] for k in ("revision", "gguf_file") if k in load_model_kwargs}
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base, **location))
+        check_adapter_matches_base(skeleton, adapter_dir)
+        del skeleton
         load_model_kwargs.setdefault("attn_implementation", "sdpa" if not is_trainable else "s2_attention")
-        model = load_model(base, **load_model_kwargs)
+        model = load_model(os.fspath(base), **load_model_kwargs)
     else:
         model = base
     restore_context(model, config)

@@ -83,6 +83,21 @@ def _run_training(command: str, argv: list[str]) -> int:
     return 0
 
 
+def _trl_hook(args: argparse.Namespace) -> int:
+    from . import trl_hook
+
+    if args.action == "install":
+        path = trl_hook.install(args.site_dir)
+        print(
+            f"installed {path}; set {trl_hook.ENV_VAR}=1 (e.g. in the YAML's env: block) to register s2_attention"
+        )
+    elif args.action == "remove":
+        print("removed" if trl_hook.remove(args.site_dir) else "not installed")
+    else:
+        print("installed" if trl_hook.is_installed(args.site_dir) else "not installed")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-longlora", description="LongLoRA for the Hugging Face stack.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -115,6 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--base-model", default=None, help="base model id for the card (default: from the adapter)"
     )
     push.set_defaults(run=_push)
+
+    hook = sub.add_parser(
+        "trl-hook", help="opt-in registration of s2_attention inside `trl sft` (see docs/training.md)"
+    )
+    hook.add_argument("action", choices=["install", "remove", "status"])
+    hook.add_argument(
+        "--site-dir", default=None, help="site-packages directory (default: this environment's)"
+    )
+    hook.set_defaults(run=_trl_hook)
     return parser
 
 

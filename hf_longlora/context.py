@@ -95,7 +95,7 @@ def extend_context(model_or_config, target_length: int, method: str = "linear") 
     the original length (it never compounds).
     """
     if method not in ROPE_METHODS:
-        raise ValueError(f"rope_method must be one of {ROPE_METHODS}, got {method!r}")
+        raise ValueError(f"method must be one of {ROPE_METHODS}, got {method!r}")
     if isinstance(target_length, bool) or not isinstance(target_length, int) or target_length < 1:
         raise ValueError(f"target_length must be a positive int, got {target_length!r}")
     top_config, model = _config_of(model_or_config)

@@ -6,18 +6,29 @@ The token is never passed around here: ``huggingface_hub.HfApi`` reads it from `
 
 from __future__ import annotations
 
+import fnmatch
 import json
-import shutil
-import tempfile
+import os
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData
 
 from .peft_config import LongLoraConfig
 
 TAGS = ["longlora", "s2-attn", "lora", "peft", "text-generation"]
 EVAL_SUMMARY_FILES = ("eval_summary.json", "summary.json")
+LONGLORA_RECORD = "longlora_adapter_config.json"  # written by merge_and_save next to the merged weights
+SKIP_PATTERNS = ("checkpoint-*", "runs", "runs/*", "__pycache__", "*/__pycache__/*", "README.md", ".*")
+
+
+def _is_repo_id(name: str | None) -> bool:
+    return (
+        bool(name)
+        and name.count("/") <= 1
+        and not os.path.exists(name)
+        and not name.startswith((".", "/", "~"))
+    )
 
 
 def _eval_summary(folder: Path) -> dict[str, Any] | None:
@@ -55,7 +66,9 @@ def _eval_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def build_model_card(folder: str | Path, *, merged: bool = False, base_model: str | None = None) -> ModelCard:
+def build_model_card(
+    folder: str | Path, *, merged: bool = False, base_model: str | None = None, repo_id: str | None = None
+) -> ModelCard:
     """A model card for a LongLoRA adapter directory (or a merged checkpoint made from one).
 
     Metadata: ``library_name`` (peft for an adapter, transformers for a merged model), ``base_model``, tags.
@@ -63,10 +76,10 @@ def build_model_card(folder: str | Path, *, merged: bool = False, base_model: st
     table when ``eval_summary.json`` (or ``summary.json``) sits in the folder.
     """
     folder = Path(folder)
-    adapter_config_path = folder / "adapter_config.json"
+    record = folder / ("adapter_config.json" if not merged else LONGLORA_RECORD)
     info: dict[str, Any] = {}
-    if adapter_config_path.is_file():
-        config = LongLoraConfig.from_pretrained(str(folder))
+    if record.is_file():
+        config = LongLoraConfig.from_dict(json.loads(record.read_text(encoding="utf-8")), source=str(record))
         info = {
             "base_model": base_model or config.base_model_name_or_path,
             "context_length": config.context_length,
@@ -78,6 +91,9 @@ def build_model_card(folder: str | Path, *, merged: bool = False, base_model: st
             "modules_to_save": config.modules_to_save,
             "training_data": config.training_data,
         }
+        if merged:
+            model_config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+            info["rope_parameters"] = model_config.get("rope_parameters", info["rope_parameters"])
     elif (folder / "config.json").is_file():
         model_config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         info = {
@@ -91,13 +107,14 @@ def build_model_card(folder: str | Path, *, merged: bool = False, base_model: st
     else:
         raise FileNotFoundError(f"{str(folder)!r} holds neither adapter_config.json nor config.json")
 
+    base = info.get("base_model")
     data = ModelCardData(
         library_name="transformers" if merged else "peft",
-        base_model=info.get("base_model"),
+        base_model=base if _is_repo_id(base) else None,  # the Hub only links repo ids
         tags=list(TAGS),
         pipeline_tag="text-generation",
     )
-    name = folder.resolve().name
+    name = repo_id or folder.resolve().name
     body = [
         f"# {name}",
         "",
@@ -106,6 +123,8 @@ def build_model_card(folder: str | Path, *, merged: bool = False, base_model: st
         "",
         "## Context extension",
         "",
+        f"- base model: {base}"
+        + ("" if _is_repo_id(base) else " (a local path; pass base_model= / --base-model)"),
         f"- target context length: {info.get('context_length')} tokens",
         f"- original context length: {info.get('original_context_length')} tokens",
         f"- RoPE scaling: `{json.dumps(info.get('rope_parameters'))}`",
@@ -129,7 +148,7 @@ def build_model_card(folder: str | Path, *, merged: bool = False, base_model: st
         "",
         "```python",
         "import hf_longlora",
-        f"model = hf_longlora.load_adapter({info.get('base_model')!r}, {name!r})"
+        f"model = hf_longlora.load_adapter({base!r}, {name!r})"
         if not merged
         else f"model = AutoModelForCausalLM.from_pretrained({name!r})  # plain transformers",
         "```",
@@ -148,10 +167,12 @@ def push_to_hub(
     commit_message: str = "Upload LongLoRA model",
     api: HfApi | None = None,
 ) -> str:
-    """Upload an adapter directory (or a merged checkpoint, ``merged=True``) with its model card.
+    """Upload an adapter directory (or a merged checkpoint, ``merged=True``) with its model card, in one commit.
 
-    The folder is copied to a staging directory with the generated README.md (the folder itself is not modified),
-    then ``HfApi.create_repo`` and ``HfApi.upload_folder`` run. Returns the commit URL.
+    The files are uploaded from where they are (no copy) with the generated README.md added; the folder itself is not
+    modified. Training checkpoints (``checkpoint-*``), TensorBoard ``runs`` and hidden files are left out.
+    ``private`` applies when the repository is created; an existing repository keeps its visibility.
+    Returns the commit URL.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -159,17 +180,26 @@ def push_to_hub(
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise ValueError(f"repo_id must look like 'ORG/NAME', got {repo_id!r}")
     if merged and not (folder / "config.json").is_file():
-        raise ValueError(f"--merged: {str(folder)!r} has no config.json (run `hf-longlora merge` first)")
-    if not merged and not (folder / "adapter_config.json").is_file():
-        raise ValueError(f"{str(folder)!r} has no adapter_config.json (pass --merged for a merged model)")
-    card = build_model_card(folder, merged=merged, base_model=base_model)
-    api = api or HfApi()
-    with tempfile.TemporaryDirectory() as tmp:
-        staging = Path(tmp) / folder.name
-        shutil.copytree(folder, staging, ignore=shutil.ignore_patterns("checkpoint-*", "runs", "__pycache__"))
-        card.save(staging / "README.md")
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        commit = api.upload_folder(
-            folder_path=str(staging), repo_id=repo_id, repo_type="model", commit_message=commit_message
+        raise ValueError(
+            f"merged=True (--merged): {str(folder)!r} has no config.json (run `hf-longlora merge` first)"
         )
+    if not merged and not (folder / "adapter_config.json").is_file():
+        raise ValueError(
+            f"{str(folder)!r} has no adapter_config.json (pass merged=True / --merged for a merged model)"
+        )
+    card = build_model_card(folder, merged=merged, base_model=base_model, repo_id=repo_id)
+    operations = [
+        CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(folder / rel))
+        for rel in sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+        if not any(
+            fnmatch.fnmatch(rel, pattern) or fnmatch.fnmatch(rel.split("/")[0], pattern)
+            for pattern in SKIP_PATTERNS
+        )
+    ]
+    operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card).encode("utf-8")))
+    api = api or HfApi()
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    commit = api.create_commit(
+        repo_id=repo_id, repo_type="model", operations=operations, commit_message=commit_message
+    )
     return str(getattr(commit, "commit_url", commit))

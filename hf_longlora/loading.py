@@ -57,6 +57,7 @@ def load_model(
     load_in_4bit: bool = False,
     attn_implementation: str = S2_ATTENTION,
     activation_checkpointing: bool = True,
+    prepare_for_kbit_training: bool = True,
     **from_pretrained_kwargs: Any,
 ) -> PreTrainedModel:
     """Load a causal LM ready for LongLoRA.
@@ -69,7 +70,10 @@ def load_model(
         load_in_4bit: QLoRA: NF4 weights with double quantisation and bf16 compute through bitsandbytes, then
             ``peft.prepare_model_for_kbit_training``.
         attn_implementation: "s2_attention" (default) or any transformers backend.
-        activation_checkpointing: with ``load_in_4bit``, passed to ``prepare_model_for_kbit_training``.
+        activation_checkpointing: with ``load_in_4bit``, whether ``prepare_model_for_kbit_training`` turns on
+            activation checkpointing (without 4-bit, the trainer's ``gradient_checkpointing`` argument decides).
+        prepare_for_kbit_training: with ``load_in_4bit``, run ``prepare_model_for_kbit_training`` (upcasts norms to
+            fp32, enables input gradients); False for inference or merging.
         **from_pretrained_kwargs: passed to ``AutoModelForCausalLM.from_pretrained`` (``dtype``, ``device_map``,
             ...); ``s2_group_size_ratio`` / ``s2_group_size`` / ``s2_shift`` are set on the config.
 
@@ -104,7 +108,7 @@ def load_model(
     model = AutoModelForCausalLM.from_pretrained(
         name_or_path, config=config, attn_implementation=attn_implementation, **from_pretrained_kwargs
     )
-    if load_in_4bit:
+    if load_in_4bit and prepare_for_kbit_training:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(

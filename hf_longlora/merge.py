@@ -22,6 +22,7 @@ import torch
 
 from .adapter import load_adapter
 
+LONGLORA_RECORD = "longlora_adapter_config.json"
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer.model",
@@ -95,6 +96,9 @@ def merge_and_save(
                     if (source / name).exists():
                         shutil.copy2(source / name, staging / name)
                 break
+        # the adapter's LongLoRA record (context, S2 settings, trained modules, data) for the model card
+        shutil.copy2(Path(adapter_dir) / "adapter_config.json", staging / LONGLORA_RECORD)
+        staging.chmod(0o755)  # mkdtemp creates 0700
         if out.exists():
             shutil.rmtree(out)
         os.replace(staging, out)

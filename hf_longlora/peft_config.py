@@ -28,6 +28,9 @@ class LongLoraConfig(LoraConfig):
     model, saved in ``adapter_config.json`` and used to restore the context extension when the adapter is loaded.
     """
 
+    task_type: str | None = field(
+        default="CAUSAL_LM", metadata={"help": "PEFT task type; CAUSAL_LM gives a PeftModelForCausalLM."}
+    )
     r: int = field(default=8, metadata={"help": "LoRA rank (LongLoRA: 8)."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (LongLoRA: 16)."})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout (LongLoRA: 0)."})
@@ -127,12 +130,15 @@ class LongLoraConfig(LoraConfig):
             FileNotFoundError: no ``adapter_config.json`` in the directory.
             ValueError: the file is not valid JSON, is not a LoRA config, or has keys this class does not know.
         """
-        path = os.path.join(pretrained_model_name_or_path, subfolder or "")
+        name = os.fspath(pretrained_model_name_or_path)
+        path = os.path.join(name, subfolder or "")
         config_file = os.path.join(path, CONFIG_NAME)
         if not os.path.isfile(config_file):
-            if os.path.isdir(path) or not _looks_like_repo_id(pretrained_model_name_or_path):
+            if os.path.isdir(path) or not _looks_like_repo_id(name):
                 raise FileNotFoundError(f"no {CONFIG_NAME} in {path!r}: not a PEFT adapter directory")
-            return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+            from huggingface_hub import hf_hub_download
+
+            config_file = hf_hub_download(name, CONFIG_NAME, subfolder=subfolder, **kwargs)
         try:
             with open(config_file, encoding="utf-8") as f:
                 data = json.load(f)

@@ -155,7 +155,7 @@ def test_extend_context_yarn_and_dynamic():
     assert config.rope_parameters == {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0}
     assert config.max_position_embeddings == 256  # dynamic NTK scales from the original length
     assert hf_longlora.context.context_length(config) == 1024
-    with pytest.raises(ValueError, match="rope_method must be one of"):
+    with pytest.raises(ValueError, match="method must be one of"):
         extend_context(config, 2048, method="ntk")
 
 
@@ -283,3 +283,45 @@ def test_unknown_config_fields_are_refused(tmp_path):
         LongLoraConfig.from_pretrained(adapter)
     with pytest.raises(ValueError, match="unknown LongLoraConfig fields"):
         load_adapter(base_model(attn="sdpa"), str(adapter))
+
+
+def test_get_longlora_model_leaves_the_callers_config_alone():
+    from peft import PeftModelForCausalLM
+
+    config = LongLoraConfig()
+    model = get_longlora_model(base_model(tie_word_embeddings=True), config)
+    assert isinstance(model, PeftModelForCausalLM)
+    assert config.context_length is None and not config.ensure_weight_tying
+    assert (
+        model.peft_config["default"].ensure_weight_tying
+        and model.peft_config["default"].context_length == 512
+    )
+
+
+def test_trainable_token_adapter_round_trip(tmp_path):
+    config = LongLoraConfig(trainable_embeddings=False, trainable_token_indices=[1, 2, 3])
+    model = get_longlora_model(base_model(), config)
+    ids = train_a_little(model)
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = load_adapter(base_model(attn="sdpa"), str(tmp_path / "adapter"))
+    with torch.no_grad():
+        assert (reloaded(ids).logits - model(ids).logits).abs().max() <= 1e-6
+
+
+def test_s2_settings_are_restored_for_further_training(tmp_path, saved_base):
+    model = AutoModelForCausalLM.from_pretrained(saved_base, attn_implementation="s2_attention")
+    hf_longlora.configure_s2(model, group_size=16, shift="roll")
+    get_longlora_model(model).save_pretrained(tmp_path / "adapter")
+    resumed = load_adapter(saved_base, tmp_path / "adapter", is_trainable=True)  # a Path works too
+    assert resumed.config._attn_implementation == "s2_attention"
+    assert hf_longlora.S2Settings.from_config(resumed.config) == hf_longlora.S2Settings(0.25, 16, "roll")
+    assert any(p.requires_grad for n, p in resumed.named_parameters() if "lora_" in n)
+
+
+def test_mismatch_is_found_before_the_base_weights_load(tmp_path, saved_base):
+    adapter = _saved_adapter(tmp_path)  # hidden 64
+    other = tmp_path / "other"
+    base_model(attn="sdpa", hidden_size=96).save_pretrained(other)
+    (other / "model.safetensors").write_bytes(b"these weights are never read")
+    with pytest.raises(ValueError, match="different base"):
+        load_adapter(str(other), str(adapter))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,19 +133,21 @@ class RecordingHub:
             hub.calls.append(("create_repo", repo_id, private, exist_ok, repo_type))
             return f"https://huggingface.co/{repo_id}"
 
-        def upload_folder(api, *, folder_path, repo_id, repo_type=None, commit_message=None, **kwargs):
-            from pathlib import Path
-
-            root = Path(folder_path)
-            hub.files = {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
-            hub.calls.append(("upload_folder", repo_id, repo_type, commit_message))
+        def create_commit(api, repo_id, operations, *, commit_message, repo_type=None, **kwargs):
+            for op in operations:
+                content = op.path_or_fileobj
+                hub.files[op.path_in_repo] = (
+                    content if isinstance(content, bytes) else Path(content).read_bytes()
+                )
+            hub.calls.append(("create_commit", repo_id, repo_type, commit_message))
             return f"https://huggingface.co/{repo_id}/commit/0123"
 
         monkeypatch.setattr(HfApi, "create_repo", create_repo)
-        monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+        monkeypatch.setattr(HfApi, "create_commit", create_commit)
 
 
-def test_push_adapter_with_card(tmp_path, monkeypatch, capsys):
+def test_push_adapter_with_card(tmp_path, monkeypatch, capsys, caplog):
+    caplog.set_level("DEBUG")
     _, adapter, _ = _base_and_adapter(tmp_path)
     (adapter / "eval_summary.json").write_text(
         json.dumps({"perplexity": {"before": {"64": 30.5, "256": 80.1}, "after": {"64": 31.0, "256": 40.2}},
@@ -154,29 +157,36 @@ def test_push_adapter_with_card(tmp_path, monkeypatch, capsys):
     secret = "hf_SECRETtoken1234567890"
     monkeypatch.setenv("HF_TOKEN", secret)
     hub = RecordingHub(monkeypatch)
+    (adapter / "checkpoint-2").mkdir()
+    (adapter / "checkpoint-2" / "optimizer.pt").write_bytes(b"not uploaded")
     code = cli.main(["push", "--adapter", str(adapter), "--repo-id", "me/tiny-longlora", "--private"])
     assert code == 0
     assert hub.calls[0] == ("create_repo", "me/tiny-longlora", True, True, "model")
-    assert hub.calls[1][:3] == ("upload_folder", "me/tiny-longlora", "model")
+    assert hub.calls[1][:3] == ("create_commit", "me/tiny-longlora", "model")
     assert sorted(hub.files) == [
         "README.md",
         "adapter_config.json",
         "adapter_model.safetensors",
         "eval_summary.json",
     ]
-    card = hf_longlora.build_model_card(adapter)
+    assert hub.files["adapter_model.safetensors"] == (adapter / "adapter_model.safetensors").read_bytes()
+    card = hf_longlora.build_model_card(adapter, repo_id="me/tiny-longlora")
     readme = hub.files["README.md"].decode()
-    assert readme == str(card) or readme.strip() == str(card).strip()
+    assert readme == str(card)
     meta = card.data.to_dict()
     assert meta["library_name"] == "peft"
-    assert meta["base_model"] == str(tmp_path / "base")
+    assert (
+        "base_model" not in meta
+    )  # a local path is not a Hub id: left out of the metadata, named in the body
+    assert f"base model: {tmp_path / 'base'} (a local path" in readme
+    assert "load_adapter(" in readme and "'me/tiny-longlora')" in readme
     assert meta["tags"] == ["longlora", "s2-attn", "lora", "peft", "text-generation"]
     assert "target context length: 256 tokens" in readme and "original context length: 64" in readme
     assert '"rope_type": "linear"' in readme and '"group_size_ratio": 0.25' in readme
     assert "embed_tokens" in readme and "offline-corpus" in readme
     assert "| 256 | 80.10 | 40.20 |" in readme and "| after | 90.00% |" in readme
     captured = capsys.readouterr()
-    assert secret not in captured.out + captured.err + readme
+    assert secret not in captured.out + captured.err + readme + caplog.text
     assert (adapter / "README.md").read_text() == peft_readme  # the adapter folder is not modified
 
 
@@ -188,9 +198,11 @@ def test_push_merged_and_bad_input(tmp_path, monkeypatch):
     assert "model.safetensors" in hub.files and "README.md" in hub.files
     card = hub.files["README.md"].decode()
     assert "library_name: transformers" in card and "base_model: me/base" in card
+    assert "longlora_adapter_config.json" in hub.files
+    assert "target context length: 256 tokens" in card and "embed_tokens" in card and "offline-corpus" in card
     with pytest.raises(ValueError, match="repo_id must look like 'ORG/NAME'"):
         hf_longlora.push_to_hub(adapter, "no-slash")
-    with pytest.raises(ValueError, match="has no config.json"):
+    with pytest.raises(ValueError, match=r"merged=True \(--merged\).*has no config.json"):
         hf_longlora.push_to_hub(adapter, "me/x", merged=True)
     with pytest.raises(ValueError, match="has no adapter_config.json"):
         hf_longlora.push_to_hub(merged, "me/x")

@@ -75,7 +75,8 @@ class _LayoutCache:
         return (
             shape,
             tuple(
-                (id(o), None if o.is_inference() else o._version) if isinstance(o, torch.Tensor) else o for o in objs
+                (id(o), None if o.is_inference() else o._version) if isinstance(o, torch.Tensor) else o
+                for o in objs
             ),
         )
 
@@ -180,7 +181,9 @@ def _analyse_batch(attention_mask, batch: int, length: int, kwargs: dict, device
                 mask_kind = "dense"
             elif _mask_matches(attention_mask, valid, document_ids):
                 mask_kind = "plain"
-            elif sliding is not None and _mask_matches(attention_mask, valid, document_ids, window=int(sliding)):
+            elif sliding is not None and _mask_matches(
+                attention_mask, valid, document_ids, window=int(sliding)
+            ):
                 mask_kind, window = "window", int(sliding)
             else:
                 mask_kind = "dense"
@@ -221,7 +224,11 @@ def _plan_for(layout: _Layout, settings: S2Settings, device) -> tuple[S2Plan, to
             group_size_ratio=settings.group_size_ratio,
             shift=settings.shift,
         )
-        order = None if plan.shifted_permutation is None else torch.tensor(plan.shifted_permutation, device=device)
+        order = (
+            None
+            if plan.shifted_permutation is None
+            else torch.tensor(plan.shifted_permutation, device=device)
+        )
         layout.plans[key] = (plan, order)
     return layout.plans[key]
 
@@ -263,7 +270,11 @@ def _attend_packed(
         k = key[:, kv_lo:kv_hi]  # (T, hkv, D)
         v = value[:, kv_lo:kv_hi]
         if permutation is not None:  # "roll": the paper's order, wrap-around included
-            q, k, v = q.index_select(0, permutation), k.index_select(0, permutation), v.index_select(0, permutation)
+            q, k, v = (
+                q.index_select(0, permutation),
+                k.index_select(0, permutation),
+                v.index_select(0, permutation),
+            )
         half_out = []
         for q_heads, kv_heads in pieces:
             half_out.append(
@@ -314,7 +325,9 @@ def _allowed_by_plan(plan: S2Plan, layout: _Layout, batch: int, length: int, dev
     return torch.stack(halves)
 
 
-def _attend_dense(query, key, value, model_mask, layout: _Layout, plan: S2Plan, *, scale, dropout) -> torch.Tensor:
+def _attend_dense(
+    query, key, value, model_mask, layout: _Layout, plan: S2Plan, *, scale, dropout
+) -> torch.Tensor:
     """Fallback for masks beyond padding/packing: the model's mask AND the S2 pattern, per head half."""
     batch, num_heads, length, _ = query.shape
     rep = num_heads // key.shape[1]
@@ -425,7 +438,9 @@ def s2_attention_forward(
             "s2_attention: the attention mask is more than padding/packing (a custom 4D mask, or a sliding window "
             "narrower than the S2 groups); applying S2-Attn on top of it with a dense mask, which is slower."
         )
-        return _attend_dense(query, key, value, attention_mask, layout, plan, scale=scaling, dropout=dropout), None
+        return _attend_dense(
+            query, key, value, attention_mask, layout, plan, scale=scaling, dropout=dropout
+        ), None
 
     # (B, H, L, D) is a transposed view of (B, L, H, D) in transformers' models: packing it is free
     q = query.transpose(1, 2).reshape(batch * length, num_heads, head_dim)  # (B*L, H, D)

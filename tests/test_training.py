@@ -1,0 +1,291 @@
+"""Training entry points: continued pretraining and LongAlpaca SFT through the CLI, callbacks, bad configs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import make_tiny_checkpoint
+
+from hf_longlora import cli
+from hf_longlora.data import pack_documents
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", max_position_embeddings=64)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    folder = tmp_path_factory.mktemp("corpus")
+    for name in ("argparse.py", "typing.py", "inspect.py"):
+        (folder / (name[:-3] + ".txt")).write_text((root / name).read_text(encoding="utf-8"))
+    return folder
+
+
+def longalpaca_records(n: int = 12, long_every: int = 0) -> list[dict]:
+    """LongAlpaca-format records built from offline text: a passage, a question about it, the answer."""
+    import importlib.util
+
+    text = (Path(importlib.util.find_spec("pydoc_data").origin).parent / "topics.py").read_text(
+        encoding="utf-8"
+    )
+    records = []
+    for i in range(n):
+        passage = text[2000 + 900 * i : 2000 + 900 * i + 600]
+        key = 1000 + 37 * i
+        size = 40 if long_every and i % long_every == 0 else 1
+        records.append(
+            {
+                "instruction": "Read the passage and answer: what is the code mentioned in it?",
+                "input": (passage + f" The code is {key}. ") * size,
+                "output": f"The code is {key}.",
+            }
+        )
+    return records
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def run_cli(args, timeout=900):
+    result = subprocess.run(
+        [sys.executable, "-m", "hf_longlora.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+    return result
+
+
+def trainer_log_history(output_dir: Path) -> list[dict]:
+    checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert checkpoints, f"no checkpoint in {output_dir}"
+    return json.loads((checkpoints[-1] / "trainer_state.json").read_text())["log_history"]
+
+
+# --------------------------------------------------------------------------------------------------- packing
+
+
+def test_pack_documents_joins_with_eos_and_restarts_positions():
+    blocks = pack_documents([[1, 2, 3], [4, 5], [6, 7, 8, 9]], 4, eos_token_id=0, document_boundaries=True)
+    # stream: 1 2 3 0 | 4 5 0 6 | 7 8 9 0
+    assert [b["input_ids"] for b in blocks] == [[1, 2, 3, 0], [4, 5, 0, 6], [7, 8, 9, 0]]
+    assert [b["position_ids"] for b in blocks] == [[0, 1, 2, 3], [0, 1, 2, 0], [0, 1, 2, 3]]
+    assert all(b["labels"] == b["input_ids"] for b in blocks)
+    assert len(pack_documents([[1, 2, 3]], 3, 0)) == 1  # 1 2 3 | 0 (partial, dropped)
+    with pytest.raises(ValueError, match="block_size must be >= 2"):
+        pack_documents([[1]], 1, 0)
+
+
+# ---------------------------------------------------------------------------------------------- bad configs
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        ({"contxt_length": 256}, "Unknown arguments from config file: \\['contxt_length'"),
+        ({"context_length": 32}, "shorter than the model's current context of 64"),
+        ({"rope_method": "ntk"}, "rope_method must be one of"),
+        ({"s2_group_size_ratio": 2.0}, "s2_group_size_ratio must be a float in"),
+    ],
+)
+def test_train_bad_config_fails_before_loading(tmp_path, tiny_checkpoint, corpus, extra, message, capsys):
+    config = {
+        "model_name_or_path": str(tiny_checkpoint),
+        "corpus": [str(corpus)],
+        "output_dir": str(tmp_path / "o"),
+    }
+    config.update(extra)
+    code = cli.main(["train", "--config", str(write_yaml(tmp_path / "c.yaml", config))])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and __import__("re").search(message, err), err
+    assert not (tmp_path / "o").exists()
+
+
+def test_sft_bad_data_fails_before_loading(tmp_path, tiny_checkpoint, capsys):
+    def run(records, **extra):
+        data = tmp_path / "data.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in records))
+        config = {
+            "model_name_or_path": str(tiny_checkpoint),
+            "data_files": [str(data)],
+            "output_dir": str(tmp_path / "o"),
+            "max_length": 256,
+            "context_length": 256,
+            **extra,
+        }
+        return cli.main(
+            ["sft", "--config", str(write_yaml(tmp_path / "c.yaml", config))]
+        ), capsys.readouterr().err
+
+    code, err = run([{"question": "q", "answer": "a"}])
+    assert code == 2 and "the SFT dataset has no 'instruction' field" in err
+    code, err = run([{"instruction": "q", "output": "a"}], max_length=512)
+    assert code == 2 and "max_length=512 exceeds context_length=256" in err
+    code, err = run([{"instruction": "q", "output": "a"}], data_files=[str(tmp_path / "missing.jsonl")])
+    assert code == 2 and "data_files not found" in err
+    code, err = run(longalpaca_records(3, long_every=1))
+    assert code == 2 and "every SFT record is longer than max_length=256" in err
+    assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------------------ end-to-end runs
+
+
+@pytest.mark.slow
+def test_continued_pretraining_cli_with_callbacks(tmp_path, tiny_checkpoint, corpus):
+    config = {
+        "model_name_or_path": str(tiny_checkpoint),
+        "corpus": [str(corpus)],
+        "context_length": 256,
+        "document_boundaries": True,
+        "eval_documents": 1,
+        "long_eval_lengths": [64, 256],
+        "passkey_lengths": [200],
+        "long_eval_steps": 2,
+        "max_steps": 4,
+        "gradient_accumulation_steps": 1,
+        "learning_rate": 0.002,
+        "warmup_steps": 1,
+        "save_steps": 2,
+        "output_dir": str(tmp_path / "out"),
+        "use_cpu": True,
+        "dtype": "float32",
+    }
+    result = run_cli(["train", "--config", str(write_yaml(tmp_path / "train.yaml", config))])
+    assert result.returncode == 0, result.stderr[-4000:]
+    out = tmp_path / "out"
+    adapter_config = json.loads((out / "adapter_config.json").read_text())
+    assert adapter_config["context_length"] == 256 and adapter_config["rope_parameters"]["factor"] == 4.0
+    assert adapter_config["training_data"] == [str(corpus)]
+    history = trainer_log_history(out)
+    steps = [h for h in history if "loss" in h]
+    assert len(steps) == 4
+    assert all(h["train_tokens_per_second"] > 0 and h["peak_memory_gb"] > 0 for h in steps)
+    assert steps[0]["s2_attention_calls_train"] == 2 and steps[0]["full_attention_calls_train"] == 0
+    evals = [h for h in history if "eval_ppl_256" in h]
+    assert [h["step"] for h in evals] == [2, 4]
+    assert all(h["eval_ppl_64"] > 1 and 0 <= h["eval_passkey_200"] <= 1 for h in evals)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("four_bit", [False, True], ids=["bf16-free", "nf4"])
+def test_sft_cli_longalpaca(tmp_path, tiny_checkpoint, four_bit):
+    data = tmp_path / "longalpaca.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in longalpaca_records(12, long_every=4)))
+    config = {
+        "model_name_or_path": str(tiny_checkpoint),
+        "data_files": [str(data)],
+        "context_length": 256,
+        "max_length": 256,
+        "s2_group_size": 64,
+        "max_steps": 3,
+        "per_device_train_batch_size": 2,
+        "gradient_accumulation_steps": 1,
+        "learning_rate": 0.002,
+        "warmup_steps": 1,
+        "save_steps": 3,
+        "output_dir": str(tmp_path / "out"),
+        "use_cpu": True,
+        "dtype": "float32",
+        "load_in_4bit": four_bit,
+    }
+    result = run_cli(["sft", "--config", str(write_yaml(tmp_path / "sft.yaml", config))])
+    assert result.returncode == 0, result.stderr[-4000:]
+    # 3 of 12 records are ~40x longer than the rest: dropped and counted, never silently cut
+    assert "12 records; over max_length=256: 3 dropped, 0 truncated (overlong_policy=drop)" in result.stdout
+    out = tmp_path / "out"
+    adapter_config = json.loads((out / "adapter_config.json").read_text())
+    assert adapter_config["s2_attention"]["group_size"] == 64 and adapter_config["context_length"] == 256
+    history = trainer_log_history(out)
+    steps = [h for h in history if "loss" in h]
+    assert len(steps) == 3 and all(h["loss"] == h["loss"] for h in steps)
+    assert steps[0]["s2_attention_calls_train"] > 0 and steps[0]["full_attention_calls_train"] == 0
+
+
+# ------------------------------------------------------------------------------------------------ trl hook
+
+
+def test_trl_hook_registers_only_when_asked(tmp_path):
+    from hf_longlora import trl_hook
+
+    assert cli.main(["trl-hook", "install", "--site-dir", str(tmp_path)]) == 0
+    assert trl_hook.is_installed(tmp_path)
+    code = (
+        "import site, sys; site.addsitedir(sys.argv[1]); from transformers import AttentionInterface; "
+        "print('s2_attention' in AttentionInterface._global_mapping, 'hf_longlora' in sys.modules)"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != trl_hook.ENV_VAR}
+    off = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=env)
+    on = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env={**env, trl_hook.ENV_VAR: "1"},
+    )
+    assert off.stdout.split() == ["False", "False"], off.stderr[-2000:]
+    assert on.stdout.split() == ["True", "True"], on.stderr[-2000:]
+    assert cli.main(["trl-hook", "remove", "--site-dir", str(tmp_path)]) == 0
+    assert not trl_hook.is_installed(tmp_path)
+
+
+@pytest.fixture
+def trl_hook_in_this_environment():
+    """The hook in the venv's own site-packages (as a user installs it); removed afterwards if we added it."""
+    from hf_longlora import trl_hook
+
+    was_installed = trl_hook.is_installed()
+    trl_hook.install()
+    yield
+    if not was_installed:
+        trl_hook.remove()
+
+
+@pytest.mark.slow
+def test_plain_trl_sft_with_s2_attention(tmp_path, tiny_checkpoint, trl_hook_in_this_environment):
+    """`trl sft --config x.yaml` (TRL's own script in an accelerate child process) trains with s2_attention."""
+    data = tmp_path / "pc.jsonl"
+    records = longalpaca_records(6)
+    data.write_text(
+        "".join(json.dumps({"prompt": f"[INST] {r['input']} [/INST]", "completion": " " + r["output"]}) + "\n"
+                for r in records)
+    )  # fmt: skip
+    config = {
+        "env": {"HF_LONGLORA_REGISTER": "1"},
+        "model_name_or_path": str(tiny_checkpoint),
+        "attn_implementation": "s2_attention",
+        "model_init_kwargs": {"s2_group_size": 16},
+        "datasets": [{"path": "json", "data_files": str(data)}],
+        "max_length": 64,
+        "max_steps": 2,
+        "per_device_train_batch_size": 1,
+        "output_dir": str(tmp_path / "out"),
+        "use_cpu": True,
+        "bf16": False,
+        "report_to": "none",
+        "save_strategy": "no",
+    }
+    trl = Path(sys.executable).parent / "trl"
+    result = subprocess.run(
+        [str(trl), "sft", "--config", str(write_yaml(tmp_path / "trl.yaml", config))],
+        capture_output=True, text=True, timeout=900, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert saved["s2_group_size"] == 16
+    assert "Training completed" in result.stdout + result.stderr
