@@ -70,7 +70,15 @@ def _run_training(command: str, argv: list[str]) -> int:
 
     parser = training_parser(command)
     try:
-        parsed = parser.parse_args_and_config(argv, fail_with_unknown_args=True)
+        *parsed, config_rest, cli_rest = parser.parse_args_and_config(
+            argv, return_remaining_strings=True, separate_remaining_strings=True
+        )
+        unknown = [a.lstrip("-") for a in config_rest if a.startswith("--")]
+        if unknown or cli_rest:
+            raise ValueError(
+                f"unknown keys {unknown + [a for a in cli_rest if a.startswith('--')] or cli_rest}; "
+                f"`hf-longlora {command} --help` lists the accepted keys"
+            )
         if command == "train":
             model_args, corpus_args, longlora_args, training_args = parsed
             run_pretraining(model_args, corpus_args, longlora_args, training_args)

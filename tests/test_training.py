@@ -97,7 +97,7 @@ def test_pack_documents_joins_with_eos_and_restarts_positions():
 @pytest.mark.parametrize(
     "extra,message",
     [
-        ({"contxt_length": 256}, "Unknown arguments from config file: \\['contxt_length'"),
+        ({"contxt_length": 256}, "unknown keys \\['contxt_length'\\]"),
         ({"context_length": 32}, "shorter than the model's current context of 64"),
         ({"rope_method": "ntk"}, "rope_method must be one of"),
         ({"s2_group_size_ratio": 2.0}, "s2_group_size_ratio must be a float in"),
