@@ -4,7 +4,8 @@ Metrics are added to the trainer's log entries (``trainer.state.log_history`` an
 (TensorBoard, W&B, ...) see them only if these callbacks run before them: pass them through
 :func:`add_longlora_callbacks`, which puts them first.
 
-- :class:`ThroughputMemoryCallback`: ``train_tokens_per_second`` and ``peak_memory_gb`` (process peak RSS on CPU,
+- :class:`ThroughputMemoryCallback`: ``step_tokens_per_second`` (tokens over the time spent in training steps,
+  excluding evaluation and saving) and ``peak_memory_gb`` (process peak RSS on CPU,
   ``torch.cuda.max_memory_allocated`` on CUDA) at every log.
 - :class:`S2StateCallback`: counts the attention calls that used S2-Attn and full attention, in training steps and
   in evaluation; logs ``s2_attention_calls_train``, ``full_attention_calls_train`` once and warns if training ran
@@ -30,6 +31,14 @@ from transformers.utils import logging
 from .attention.backend import ATTENTION_CALLS
 
 logger = logging.get_logger(__name__)
+
+
+def add_to_log(state, logs: dict, metrics: dict) -> None:
+    """Add metrics to the log being emitted: ``logs`` goes to the reporters, and the trainer has already appended a
+    copy of it to ``state.log_history``, which gets them too."""
+    logs.update(metrics)
+    if state.log_history and state.log_history[-1].get("step") == state.global_step:
+        state.log_history[-1].update(metrics)
 
 
 def peak_memory_bytes() -> int:
@@ -68,9 +77,10 @@ class ThroughputMemoryCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or "loss" not in logs:
             return
+        metrics = {"peak_memory_gb": round(peak_memory_bytes() / 2**30, 4)}
         if self._elapsed > 0 and self._tokens > 0:
-            logs["train_tokens_per_second"] = round(self._tokens / self._elapsed, 2)
-        logs["peak_memory_gb"] = round(peak_memory_bytes() / 2**30, 4)
+            metrics["step_tokens_per_second"] = round(self._tokens / self._elapsed, 2)
+        add_to_log(state, logs, metrics)
         self._tokens, self._elapsed = 0, 0.0
 
 
@@ -95,8 +105,14 @@ class S2StateCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or "loss" not in logs or self._reported:
             return
-        logs["s2_attention_calls_train"] = self._train["s2"]
-        logs["full_attention_calls_train"] = self._train["full"]
+        add_to_log(
+            state,
+            logs,
+            {
+                "s2_attention_calls_train": self._train["s2"],
+                "full_attention_calls_train": self._train["full"],
+            },
+        )
         model = kwargs.get("model")
         impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
         if self._train["s2"] == 0:
@@ -210,7 +226,7 @@ class LongContextEvalCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is not None and self._pending:
-            logs.update(self._pending)
+            add_to_log(state, logs, self._pending)
             self._pending = {}
 
 
@@ -222,8 +238,12 @@ class StopOnNonFiniteLossCallback(TrainerCallback):
     """Raise :class:`NonFiniteLossError` when a logged loss or gradient norm is NaN or inf.
 
     Raising from ``on_log`` stops the trainer before it evaluates or saves at that step, so the checkpoints on
-    disk are the last good ones. Use ``logging_steps=1`` to catch it at the first bad step.
+    disk are the last good ones. Use ``logging_steps=1`` to catch it at the first bad step. The trainer's
+    ``logging_nan_inf_filter`` (which hides NaN losses from the log) is turned off at train begin.
     """
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        args.logging_nan_inf_filter = False
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs:

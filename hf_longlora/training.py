@@ -44,7 +44,7 @@ RECIPE_DEFAULTS: dict[str, Any] = {
     "gradient_accumulation_steps": 8,
     "max_steps": 1000,
     "logging_steps": 1,
-    "gradient_checkpointing": True,
+    "activation_checkpointing": True,
     "report_to": "none",
     "lora_r": 8,
     "lora_alpha": 16,
@@ -185,7 +185,9 @@ def load_for_training(model_args, longlora_args: LongLoraArguments, training_arg
         rope_method=longlora_args.rope_method,
         load_in_4bit=model_args.load_in_4bit,
         attn_implementation=model_args.attn_implementation or S2_ATTENTION,
-        activation_checkpointing=bool(training_args.gradient_checkpointing),
+        activation_checkpointing=bool(
+            getattr(training_args, "activation_checkpointing", False) or training_args.gradient_checkpointing
+        ),
         revision=model_args.model_revision,
         s2_group_size_ratio=longlora_args.s2_group_size_ratio,
         s2_group_size=longlora_args.s2_group_size,

@@ -42,9 +42,9 @@ def longalpaca_records(n: int = 12, long_every: int = 0) -> list[dict]:
     )
     records = []
     for i in range(n):
-        passage = text[2000 + 900 * i : 2000 + 900 * i + 600]
+        passage = text[2000 + 900 * i : 2000 + 900 * i + 250]
         key = 1000 + 37 * i
-        size = 40 if long_every and i % long_every == 0 else 1
+        size = 20 if long_every and i % long_every == 0 else 1
         records.append(
             {
                 "instruction": "Read the passage and answer: what is the code mentioned in it?",
@@ -176,8 +176,9 @@ def test_continued_pretraining_cli_with_callbacks(tmp_path, tiny_checkpoint, cor
     history = trainer_log_history(out)
     steps = [h for h in history if "loss" in h]
     assert len(steps) == 4
-    assert all(h["train_tokens_per_second"] > 0 and h["peak_memory_gb"] > 0 for h in steps)
-    assert steps[0]["s2_attention_calls_train"] == 2 and steps[0]["full_attention_calls_train"] == 0
+    assert all(h["step_tokens_per_second"] > 0 and h["peak_memory_gb"] > 0 for h in steps)
+    # 2 layers, each run in the forward and again in the activation-checkpointing recomputation
+    assert steps[0]["s2_attention_calls_train"] == 4 and steps[0]["full_attention_calls_train"] == 0
     evals = [h for h in history if "eval_ppl_256" in h]
     assert [h["step"] for h in evals] == [2, 4]
     assert all(h["eval_ppl_64"] > 1 and 0 <= h["eval_passkey_200"] <= 1 for h in evals)
@@ -271,7 +272,7 @@ def test_plain_trl_sft_with_s2_attention(tmp_path, tiny_checkpoint, trl_hook_in_
         "attn_implementation": "s2_attention",
         "model_init_kwargs": {"s2_group_size": 16},
         "datasets": [{"path": "json", "data_files": str(data)}],
-        "max_length": 64,
+        "max_length": 256,
         "max_steps": 2,
         "per_device_train_batch_size": 1,
         "output_dir": str(tmp_path / "out"),
@@ -289,3 +290,54 @@ def test_plain_trl_sft_with_s2_attention(tmp_path, tiny_checkpoint, trl_hook_in_
     saved = json.loads((tmp_path / "out" / "config.json").read_text())
     assert saved["s2_group_size"] == 16
     assert "Training completed" in result.stdout + result.stderr
+    # without the opt-in the child does not know the backend: the hook is what made it work
+    del config["env"], config["model_init_kwargs"]
+    config["output_dir"] = str(tmp_path / "out2")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "HF_LONGLORA_REGISTER"}
+    refused = subprocess.run(
+        [str(trl), "sft", "--config", str(write_yaml(tmp_path / "trl2.yaml", config))],
+        capture_output=True, text=True, timeout=900, cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert refused.returncode != 0 and "s2_attention" in refused.stderr
+
+
+def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
+    """A fault injected into a real model's forward from the 3rd step on: training stops there, with a clear error,
+    and no checkpoint of the broken state is written."""
+    import torch
+    from datasets import Dataset
+    from helpers import tiny_config
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, default_data_collator
+
+    from hf_longlora import get_longlora_model
+    from hf_longlora.callbacks import NonFiniteLossError, StopOnNonFiniteLossCallback, add_longlora_callbacks
+
+    torch.manual_seed(0)
+    model = get_longlora_model(
+        AutoModelForCausalLM.from_config(tiny_config("llama"), attn_implementation="s2_attention")
+    )
+    calls = {"n": 0}
+
+    def poison(module, inputs, output):
+        calls["n"] += 1
+        return output * float("nan") if calls["n"] >= 3 else output
+
+    model.get_input_embeddings().register_forward_hook(poison)
+    ids = torch.randint(0, 128, (8, 64)).tolist()
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=6, per_device_train_batch_size=1, logging_steps=1,
+        save_steps=1, report_to=[], use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_dict({"input_ids": ids, "labels": ids}),
+        data_collator=default_data_collator,
+    )
+    add_longlora_callbacks(trainer, [StopOnNonFiniteLossCallback()])
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"step 3: loss is nan\. Last good checkpoint: .*checkpoint-2\. Lower the learning rate",
+    ):
+        trainer.train()
+    assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
