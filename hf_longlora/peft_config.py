@@ -85,19 +85,15 @@ class LongLoraConfig(LoraConfig):
             if isinstance(value, str) or not all(isinstance(v, str) and v for v in value):
                 raise ValueError(f"{name} must be a list of non-empty module name suffixes, got {value!r}")
         saved = list(self.modules_to_save or [])
-        if not self.trainable_embeddings:
-            clash = [m for m in saved if m in self.embedding_module_names]
-            if clash:
+        for flag, names in (
+            ("trainable_embeddings", self.embedding_module_names),
+            ("trainable_norms", self.norm_module_names),
+        ):
+            clash = [m for m in saved if m in names]
+            if not getattr(self, flag) and clash:
                 raise ValueError(
-                    f"trainable_embeddings=False contradicts modules_to_save={saved} (it lists {clash}); "
-                    "set trainable_embeddings=True or remove them from modules_to_save"
-                )
-        if not self.trainable_norms:
-            clash = [m for m in saved if m in self.norm_module_names]
-            if clash:
-                raise ValueError(
-                    f"trainable_norms=False contradicts modules_to_save={saved} (it lists {clash}); "
-                    "set trainable_norms=True or remove them from modules_to_save"
+                    f"{flag}=False contradicts modules_to_save={saved} (it lists {clash}); "
+                    f"set {flag}=True or remove them from modules_to_save"
                 )
         targets = self.target_modules if isinstance(self.target_modules, (list, set, tuple)) else []
         lora_on_embeddings = [m for m in targets if m in self.embedding_module_names]
