@@ -1,5 +1,6 @@
 # Two entry points for a fresh machine: `make demo` and `make test`.
-# The test venv has the `quant` extra (bitsandbytes): the NF4 tests run for real on CPU.
+# The test venv has the `quant` (bitsandbytes) and `deepspeed` extras: the NF4 and ZeRO-2 tests run for real on
+# CPU. DS_BUILD_OPS=0: DeepSpeed compiles the one op it needs on first use.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -13,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "$(TORCH_SPEC)"
-	$(PIP) install --quiet -e ".[dev,quant]"
+	DS_BUILD_OPS=0 $(PIP) install --quiet -e ".[dev,quant,deepspeed]"
 	touch $@
 
 demo: $(VENV)/.installed

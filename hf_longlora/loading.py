@@ -58,6 +58,7 @@ def load_model(
     attn_implementation: str = S2_ATTENTION,
     activation_checkpointing: bool = True,
     prepare_for_kbit_training: bool = True,
+    bnb_4bit_quant_storage: torch.dtype | str | None = None,
     **from_pretrained_kwargs: Any,
 ) -> PreTrainedModel:
     """Load a causal LM ready for LongLoRA.
@@ -74,6 +75,8 @@ def load_model(
             activation checkpointing (without 4-bit, the trainer's ``gradient_checkpointing`` argument decides).
         prepare_for_kbit_training: with ``load_in_4bit``, run ``prepare_model_for_kbit_training`` (upcasts norms to
             fp32, enables input gradients); False for inference or merging.
+        bnb_4bit_quant_storage: with ``load_in_4bit``, the storage dtype of the packed weights; set it to the model
+            dtype for DeepSpeed ZeRO-3 / FSDP sharding (QLoRA + ZeRO-3).
         **from_pretrained_kwargs: passed to ``AutoModelForCausalLM.from_pretrained`` (``dtype``, ``device_map``,
             ...); ``s2_group_size_ratio`` / ``s2_group_size`` / ``s2_shift`` are set on the config.
 
@@ -87,7 +90,12 @@ def load_model(
         raise ValueError(f"context_length must be an int or None, got {context_length!r}")
     if load_in_4bit and "quantization_config" in from_pretrained_kwargs:
         raise ValueError("pass either load_in_4bit=True or quantization_config, not both")
-    quantization_config = nf4_quantization_config() if load_in_4bit else None
+    storage = (
+        getattr(torch, bnb_4bit_quant_storage)
+        if isinstance(bnb_4bit_quant_storage, str)
+        else bnb_4bit_quant_storage
+    )
+    quantization_config = nf4_quantization_config(quant_storage=storage) if load_in_4bit else None
     register_s2_attention()
 
     s2_knobs = {

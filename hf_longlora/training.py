@@ -189,6 +189,7 @@ def load_for_training(model_args, longlora_args: LongLoraArguments, training_arg
             getattr(training_args, "activation_checkpointing", False) or training_args.gradient_checkpointing
         ),
         revision=model_args.model_revision,
+        bnb_4bit_quant_storage=model_args.bnb_4bit_quant_storage if model_args.load_in_4bit else None,
         s2_group_size_ratio=longlora_args.s2_group_size_ratio,
         s2_group_size=longlora_args.s2_group_size,
         s2_shift=longlora_args.s2_shift,

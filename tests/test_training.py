@@ -341,3 +341,107 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
     ):
         trainer.train()
     assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+
+
+# ------------------------------------------------------------------------------------------- multi-process
+
+
+def accelerate_launch(config_file: Path, args: list[str], timeout: int = 900):
+    accelerate = Path(sys.executable).parent / "accelerate"
+    return subprocess.run(
+        [str(accelerate), "launch", "--config_file", str(config_file), "-m", "hf_longlora.cli", *args],
+        capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu(tmp_path, tiny_checkpoint, corpus):
+    """accelerate with 2 CPU processes (gloo): both ranks train; each step sees 2 blocks of 256 tokens."""
+    config = {
+        "model_name_or_path": str(tiny_checkpoint),
+        "corpus": [str(corpus)],
+        "context_length": 256,
+        "max_steps": 3,
+        "gradient_accumulation_steps": 1,
+        "learning_rate": 0.002,
+        "warmup_steps": 1,
+        "save_steps": 3,
+        "output_dir": str(tmp_path / "out"),
+        "use_cpu": True,
+        "dtype": "float32",
+    }
+    result = accelerate_launch(
+        ROOT / "examples" / "accelerate" / "ddp_cpu_2proc.yaml",
+        ["train", "--config", str(write_yaml(tmp_path / "train.yaml", config))],
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    steps = [h for h in trainer_log_history(tmp_path / "out") if "loss" in h]
+    assert [h["num_input_tokens_seen"] for h in steps] == [512, 1024, 1536]  # 2 ranks x 1 block x 256 tokens
+    assert (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_on_cpu(tmp_path, tiny_checkpoint, corpus):
+    """DeepSpeed ZeRO-2 with 2 CPU processes: both ranks train and the optimizer state is partitioned 2 ways."""
+    pytest.importorskip("deepspeed")
+    import torch
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    config = {
+        "model_name_or_path": str(tiny_checkpoint),
+        "corpus": [str(corpus)],
+        "context_length": 256,
+        "max_steps": 3,
+        "gradient_accumulation_steps": 1,
+        "learning_rate": 0.002,
+        "warmup_steps": 1,
+        "save_steps": 3,
+        "output_dir": str(tmp_path / "out"),
+        "use_cpu": True,
+        "dtype": "float32",
+    }
+    result = accelerate_launch(
+        ROOT / "examples" / "accelerate" / "deepspeed_zero2_cpu_2proc.yaml",
+        ["train", "--config", str(write_yaml(tmp_path / "train.yaml", config))],
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    steps = [h for h in trainer_log_history(tmp_path / "out") if "loss" in h]
+    assert [h["num_input_tokens_seen"] for h in steps] == [512, 1024, 1536]
+    shard = tmp_path / "out" / "checkpoint-3" / "global_step3" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, fragment_address]):
+        state = torch.load(shard, weights_only=True, map_location="cpu")["optimizer_state_dict"]
+    assert int(state["zero_stage"]) == 2 and set(state["partition_count"]) == {2}
+
+
+@pytest.mark.slow
+def test_two_process_sft_on_cpu(tmp_path, tiny_checkpoint):
+    data = tmp_path / "longalpaca.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in longalpaca_records(12)))
+    config = {
+        "model_name_or_path": str(tiny_checkpoint),
+        "data_files": [str(data)],
+        "context_length": 256,
+        "max_length": 256,
+        "max_steps": 2,
+        "per_device_train_batch_size": 1,
+        "gradient_accumulation_steps": 1,
+        "save_steps": 2,
+        "output_dir": str(tmp_path / "out"),
+        "use_cpu": True,
+        "dtype": "float32",
+        "padding_free": False,
+    }
+    result = accelerate_launch(
+        ROOT / "examples" / "accelerate" / "ddp_cpu_2proc.yaml",
+        ["sft", "--config", str(write_yaml(tmp_path / "sft.yaml", config))],
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    state = json.loads((tmp_path / "out" / "checkpoint-2" / "trainer_state.json").read_text())
+    # both ranks loaded the data and trained (one RNG state per rank in the checkpoint)
+    assert state["global_step"] == 2 and result.stdout.count("hf-longlora sft: 12 records") == 2
+    assert sorted(p.name for p in (tmp_path / "out" / "checkpoint-2").glob("rng_state_*.pth")) == [
+        "rng_state_0.pth",
+        "rng_state_1.pth",
+    ]
