@@ -60,13 +60,15 @@ def write_yaml(path: Path, data: dict) -> Path:
     return path
 
 
-def run_cli(args, timeout=900):
+def run_cli(args, timeout=900, env=None):
+    """`python -m hf_longlora.cli ARGS` in a subprocess."""
     result = subprocess.run(
         [sys.executable, "-m", "hf_longlora.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         cwd=ROOT,
+        env=env,
     )
     return result
 
