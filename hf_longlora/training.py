@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer, set_seed
 
 from .adapter import get_longlora_model
 from .attention import S2_ATTENTION
@@ -172,6 +172,8 @@ def load_for_training(model_args, longlora_args: LongLoraArguments, training_arg
     """Load, extend and wrap the model (the only heavy step, run after every check)."""
     from .loading import load_model
 
+    # seed before the adapter weights are created (LoRA A is random): reruns and resumed runs start identical
+    set_seed(training_args.seed, deterministic=bool(getattr(training_args, "full_determinism", False)))
     if training_args.include_num_input_tokens_seen in ("no", False):
         # the throughput callback counts real tokens through the trainer
         training_args.include_num_input_tokens_seen = "non_padding"

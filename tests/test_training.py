@@ -447,3 +447,58 @@ def test_two_process_sft_on_cpu(tmp_path, tiny_checkpoint):
         "rng_state_0.pth",
         "rng_state_1.pth",
     ]
+
+
+@pytest.mark.slow
+def test_resume_after_kill_reproduces_the_losses(tmp_path, tiny_checkpoint, corpus):
+    """Kill a training run after its step-4 checkpoint, resume it, and get the uninterrupted run's losses."""
+    import shutil
+    import signal
+    import time
+
+    def config(out, resume=False):
+        data = {
+            "model_name_or_path": str(tiny_checkpoint),
+            "corpus": [str(corpus)],
+            "context_length": 2048,
+            "max_steps": 8,
+            "gradient_accumulation_steps": 1,
+            "learning_rate": 0.002,
+            "warmup_steps": 1,
+            "save_steps": 2,
+            "output_dir": str(out),
+            "use_cpu": True,
+            "dtype": "float32",
+            "seed": 7,
+        }
+        if resume:
+            data["resume_from_checkpoint"] = True
+        return write_yaml(tmp_path / f"{out.name}-{resume}.yaml", data)
+
+    reference = run_cli(["train", "--config", str(config(tmp_path / "reference"))])
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    want = {h["step"]: h["loss"] for h in trainer_log_history(tmp_path / "reference") if "loss" in h}
+
+    out = tmp_path / "interrupted"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "hf_longlora.cli", "train", "--config", str(config(out))],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.time() + 600
+    while not (out / "checkpoint-4" / "trainer_state.json").exists():
+        assert process.poll() is None, "the run ended before it could be interrupted"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / "checkpoint-8").exists(), "killed too late to test resuming"
+    for late in out.glob("checkpoint-*"):
+        if int(late.name.split("-")[1]) > 4:
+            shutil.rmtree(late)  # resume from checkpoint-4 exactly, whatever the run reached before the kill
+
+    resumed = run_cli(["train", "--config", str(config(out, resume=True))])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    got = {h["step"]: h["loss"] for h in trainer_log_history(out) if "loss" in h}
+    assert sorted(got) == list(range(1, 9))
+    for step in range(1, 9):
+        assert abs(got[step] - want[step]) <= 1e-5, (step, got[step], want[step])
