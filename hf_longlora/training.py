@@ -139,6 +139,20 @@ def check_no_sequence_parallelism(training_args) -> None:
         )
 
 
+def check_optimizer(training_args, load_in_4bit: bool) -> None:
+    """Paged optimizers (QLoRA's GPU default) need CUDA; on a CUDA machine a 4-bit run defaults to one."""
+    optim = str(getattr(training_args, "optim", ""))
+    optim = getattr(training_args.optim, "value", optim)
+    cuda = torch.cuda.is_available() and not getattr(training_args, "use_cpu", False)
+    if "paged" in optim and not cuda:
+        raise ValueError(
+            f"optim={optim!r} needs CUDA (bitsandbytes pages optimizer state between GPU and CPU memory); "
+            "use optim='adamw_torch' on CPU"
+        )
+    if load_in_4bit and cuda and optim in ("adamw_torch", "adamw_torch_fused"):
+        training_args.optim = "paged_adamw_32bit"  # QLoRA's default on GPUs
+
+
 def check_context_extension(
     model_name_or_path: str, longlora_args: LongLoraArguments, **config_kwargs
 ) -> int:
@@ -230,6 +244,7 @@ def run_pretraining(
     from .data import pack_documents, read_text_corpus, stdlib_documents, tokenize_documents
 
     check_no_sequence_parallelism(training_args)
+    check_optimizer(training_args, model_args.load_in_4bit)
     if not model_args.model_name_or_path:
         raise ValueError("model_name_or_path is required")
     target = check_context_extension(

@@ -219,6 +219,7 @@ def test_sft_cli_longalpaca(tmp_path, tiny_checkpoint, four_bit):
     steps = [h for h in history if "loss" in h]
     assert len(steps) == 3 and all(h["loss"] == h["loss"] for h in steps)
     assert steps[0]["s2_attention_calls_train"] > 0 and steps[0]["full_attention_calls_train"] == 0
+    assert all(h["step_tokens_per_second"] > 0 and h["peak_memory_gb"] > 0 for h in steps)
 
 
 # ------------------------------------------------------------------------------------------------ trl hook
@@ -502,3 +503,41 @@ def test_resume_after_kill_reproduces_the_losses(tmp_path, tiny_checkpoint, corp
     assert sorted(got) == list(range(1, 9))
     for step in range(1, 9):
         assert abs(got[step] - want[step]) <= 1e-5, (step, got[step], want[step])
+
+
+def test_paged_optimizer_needs_cuda(tmp_path, tiny_checkpoint, corpus, capsys):
+    config = {
+        "model_name_or_path": str(tiny_checkpoint),
+        "corpus": [str(corpus)],
+        "optim": "paged_adamw_32bit",
+        "max_steps": 1,  # never reached: the check fails first
+        "use_cpu": True,
+        "output_dir": str(tmp_path / "o"),
+    }
+    assert cli.main(["train", "--config", str(write_yaml(tmp_path / "c.yaml", config))]) == 2
+    assert "optim='paged_adamw_32bit' needs CUDA" in capsys.readouterr().err
+
+
+def test_chat_template_prompts_and_overlong_counts(tiny_checkpoint):
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from hf_longlora.training import SFTDataArguments, prepare_sft_dataset
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    records = longalpaca_records(8, long_every=4)
+    for policy, dropped, truncated in (("drop", 2, 0), ("truncate", 2, 0)):
+        args = SFTDataArguments(prompt_format="chat_template", overlong_policy=policy)
+        dataset, counts = prepare_sft_dataset(Dataset.from_list(records), tokenizer, args, max_length=256)
+        # the long records' prompts alone exceed max_length, so "truncate" must drop them too
+        assert counts == {"records": 8, "overlong_dropped": dropped, "overlong_truncated": truncated}
+        assert len(dataset) == 6
+        assert dataset[0]["prompt"] == [
+            {"role": "user", "content": records[1]["instruction"] + "\n\n" + records[1]["input"].strip()}
+        ]
+        assert dataset[0]["completion"] == [{"role": "assistant", "content": records[1]["output"]}]
+    short_prompt = [{"instruction": "Repeat the text.", "output": "word " * 400}, *records[1:3]]
+    args = SFTDataArguments(prompt_format="llama2", overlong_policy="truncate")
+    dataset, counts = prepare_sft_dataset(Dataset.from_list(short_prompt), tokenizer, args, max_length=256)
+    assert counts == {"records": 3, "overlong_dropped": 0, "overlong_truncated": 1} and len(dataset) == 3
+    assert dataset[0]["prompt"] == "[INST] Repeat the text. [/INST]"
