@@ -387,6 +387,10 @@ def load_longalpaca(data_args: SFTDataArguments, script_args, dataset_args):
     raise ValueError("no SFT data: set data_files, dataset_name or datasets")
 
 
+def _token_ids(encoded) -> list[int]:
+    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+
 def prepare_sft_dataset(dataset, tokenizer, data_args: SFTDataArguments, max_length: int | None):
     """Check fields, convert to prompt/completion, and apply the over-length policy. Returns (dataset, counts)."""
     for name in ("instruction", "output"):
@@ -408,10 +412,13 @@ def prepare_sft_dataset(dataset, tokenizer, data_args: SFTDataArguments, max_len
             prompt = tokenizer(example["prompt"])["input_ids"]
             full = tokenizer(example["prompt"] + example["completion"])["input_ids"]
         else:
-            prompt = tokenizer.apply_chat_template(
-                example["prompt"], tokenize=True, add_generation_prompt=True
+            # transformers 5 returns a BatchEncoding from apply_chat_template(tokenize=True)
+            prompt = _token_ids(
+                tokenizer.apply_chat_template(example["prompt"], tokenize=True, add_generation_prompt=True)
             )
-            full = tokenizer.apply_chat_template(example["prompt"] + example["completion"], tokenize=True)
+            full = _token_ids(
+                tokenizer.apply_chat_template(example["prompt"] + example["completion"], tokenize=True)
+            )
         return {"_prompt_len": len(prompt), "_len": len(full) + 1}  # + EOS
 
     measured = converted.map(lengths)
