@@ -129,3 +129,17 @@ def make_tiny_checkpoint(
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def train_steps(model, ids, steps: int, lr: float = 1e-2) -> list[float]:
+    """A few AdamW steps of a (PEFT) causal LM on `ids` as its own labels, in train mode; returns the losses."""
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses

@@ -14,6 +14,38 @@ from transformers.masking_utils import sdpa_mask
 from hf_longlora import s2_attention_forward
 
 FP64_TOL = 1e-10
+
+
+def sliding_window_mask(length: int, window: int) -> torch.Tensor:
+    """transformers' sdpa mask for one sequence with a sliding window (i attends j iff i - window < j <= i)."""
+    from transformers.masking_utils import sliding_window_causal_mask_function
+
+    return sdpa_mask(
+        batch_size=1,
+        q_length=length,
+        kv_length=length,
+        mask_function=sliding_window_causal_mask_function(window),
+        allow_is_causal_skip=False,
+        device="cpu",
+    )
+
+
+@pytest.fixture
+def sdpa_calls(monkeypatch):
+    """Records the arguments of every scaled_dot_product_attention call (the real kernel still runs)."""
+    import torch.nn.functional as F
+
+    calls = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        calls.append({"q": q, "k": k, **kwargs})
+        return real(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    return calls
+
+
 HEAD_LAYOUTS = [(1, 1), (2, 1), (3, 1), (4, 2), (4, 4), (5, 5), (6, 2), (8, 2), (9, 3), (7, 7)]
 
 
@@ -249,18 +281,9 @@ def test_packed_equals_unpacked_with_position_ids_and_mask():
 
 def test_sliding_window_mask_falls_back_to_dense():
     """A mask that is more than padding (here a sliding window narrower than the group) is honoured."""
-    from transformers.masking_utils import sliding_window_causal_mask_function
-
     module = attention_module(4, 2, 8, s2_group_size=16)
     q, k, v = random_qkv(1, 4, 2, 40, 8)
-    mask = sdpa_mask(
-        batch_size=1,
-        q_length=40,
-        kv_length=40,
-        mask_function=sliding_window_causal_mask_function(5),
-        allow_is_causal_skip=False,
-        device="cpu",
-    )
+    mask = sliding_window_mask(40, 5)
     got = run_s2(module, q, k, v, mask)
     # reference: S2 pattern AND the window, dense
     from reference import document_mask
@@ -286,27 +309,18 @@ def test_gqa_odd_head_counts(heads, kv_heads):
     torch.testing.assert_close(run_s2(module, q, k, v), want, atol=FP64_TOL, rtol=0)
 
 
-def test_gqa_does_not_repeat_kv(monkeypatch):
+def test_gqa_does_not_repeat_kv(sdpa_calls):
     """Every SDPA call gets whole KV heads (K/V sliced, never repeated) and enable_gqa when heads differ."""
-    import torch.nn.functional as F
-
-    calls = []
-    real = F.scaled_dot_product_attention
-
-    def spy(q, k, v, *args, **kwargs):
-        calls.append((q.shape[1], k.shape[1], kwargs.get("enable_gqa", False), k.data_ptr()))
-        return real(q, k, v, *args, **kwargs)
-
-    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
     module = attention_module(9, 3, 8, s2_group_size=8)
     q, k, v = random_qkv(1, 9, 3, 64, 8)
     run_s2(module, q, k, v)
-    assert calls
+    assert sdpa_calls
     k_start, k_end = k.data_ptr(), k.data_ptr() + k.numel() * k.element_size()
-    for q_heads, kv_heads, gqa, ptr in calls:
+    for call in sdpa_calls:
+        q_heads, kv_heads = call["q"].shape[1], call["k"].shape[1]
         assert kv_heads <= 3 and q_heads % kv_heads == 0
-        assert gqa == (q_heads != kv_heads)
-        assert k_start <= ptr < k_end  # a view of the caller's K, not a copy
+        assert call.get("enable_gqa", False) == (q_heads != kv_heads)
+        assert k_start <= call["k"].data_ptr() < k_end  # a view of the caller's K, not a copy
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -373,34 +387,16 @@ def test_mask_broadcast_over_the_batch():
     torch.testing.assert_close(run_s2(module, q, k, v, causal), want, atol=FP64_TOL, rtol=0)
 
 
-def test_sliding_window_wider_than_groups_keeps_the_fast_path(monkeypatch):
+def test_sliding_window_wider_than_groups_keeps_the_fast_path(sdpa_calls):
     """S2 AND a window wider than every segment is S2: no dense mask is built."""
-    import torch.nn.functional as F
-    from transformers.masking_utils import sliding_window_causal_mask_function
-
-    masks = []
-    real = F.scaled_dot_product_attention
-
-    def spy(*args, **kwargs):
-        masks.append(kwargs.get("attn_mask"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
     module = attention_module(4, 2, 8, s2_group_size=8)
     q, k, v = random_qkv(1, 4, 2, 40, 8)
-    mask = sdpa_mask(
-        batch_size=1,
-        q_length=40,
-        kv_length=40,
-        mask_function=sliding_window_causal_mask_function(12),
-        allow_is_causal_skip=False,
-        device="cpu",
-    )
+    mask = sliding_window_mask(40, 12)
     got = run_s2(module, q, k, v, mask, sliding_window=12)
     torch.testing.assert_close(
         got, reference_attention(q, k, v, [[list(range(40))]], group_size=8), atol=FP64_TOL, rtol=0
     )
-    assert masks and all(m is None for m in masks)
+    assert sdpa_calls and all(call.get("attn_mask") is None for call in sdpa_calls)
 
 
 def test_dense_fallback_with_padding():

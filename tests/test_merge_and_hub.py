@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_config
+from helpers import tiny_config, train_steps
 from huggingface_hub import HfApi
 from transformers import AutoModelForCausalLM
 
@@ -27,13 +27,8 @@ def _base_and_adapter(tmp_path, arch="llama", tie=False):
     peft_model = get_longlora_model(model)
     peft_model.peft_config["default"].training_data = ["offline-corpus"]
     torch.manual_seed(1)
-    peft_model.train()
     ids = torch.randint(0, 128, (2, 200))
-    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(3):
-        peft_model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    train_steps(peft_model, ids, 3)
     peft_model.save_pretrained(tmp_path / "adapter")
     return tmp_path / "base", tmp_path / "adapter", ids
 

@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 import torch
-from helpers import tiny_config
+from helpers import tiny_config, train_steps
 from transformers import AutoModelForCausalLM
 
 from hf_longlora import extend_context, get_longlora_model, load_adapter, load_model, merge_and_save
@@ -61,13 +61,8 @@ def test_nf4_load_and_longlora_step(saved_base):
 def test_merge_from_4bit_base(saved_base, tmp_path):
     model = load_model(str(saved_base), load_in_4bit=True, context_length=256)
     peft_model = get_longlora_model(model)
-    peft_model.train()
     ids = torch.randint(0, 128, (1, 128))
-    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(2):
-        peft_model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    train_steps(peft_model, ids, 2)
     peft_model.save_pretrained(tmp_path / "adapter")
     adapter_model = load_adapter(str(saved_base), str(tmp_path / "adapter"), load_in_4bit=True).eval()
     with torch.no_grad():

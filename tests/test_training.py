@@ -73,6 +73,30 @@ def run_cli(args, timeout=900, env=None):
     return result
 
 
+def tiny_run(tmp_path: Path, checkpoint, **overrides) -> dict:
+    """Trainer settings shared by the `train` and `sft` configs here: 256 tokens (4x the checkpoint's 64), fp32 on CPU,
+    3 steps without accumulation, one checkpoint at the end."""
+    config = {
+        "model_name_or_path": str(checkpoint),
+        "context_length": 256,
+        "max_steps": 3,
+        "gradient_accumulation_steps": 1,
+        "learning_rate": 0.002,
+        "warmup_steps": 1,
+        "save_steps": 3,
+        "output_dir": str(tmp_path / "out"),
+        "use_cpu": True,
+        "dtype": "float32",
+    }
+    config.update(overrides)
+    return config
+
+
+def train_config(tmp_path: Path, checkpoint, corpus, **overrides) -> dict:
+    """A tiny `hf-longlora train` config on the test corpus."""
+    return tiny_run(tmp_path, checkpoint, corpus=[str(corpus)], **overrides)
+
+
 def trainer_log_history(output_dir: Path) -> list[dict]:
     checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     assert checkpoints, f"no checkpoint in {output_dir}"
@@ -151,24 +175,18 @@ def test_sft_bad_data_fails_before_loading(tmp_path, tiny_checkpoint, capsys):
 
 @pytest.mark.slow
 def test_continued_pretraining_cli_with_callbacks(tmp_path, tiny_checkpoint, corpus):
-    config = {
-        "model_name_or_path": str(tiny_checkpoint),
-        "corpus": [str(corpus)],
-        "context_length": 256,
-        "document_boundaries": True,
-        "eval_documents": 1,
-        "long_eval_lengths": [64, 256],
-        "passkey_lengths": [200],
-        "long_eval_steps": 2,
-        "max_steps": 4,
-        "gradient_accumulation_steps": 1,
-        "learning_rate": 0.002,
-        "warmup_steps": 1,
-        "save_steps": 2,
-        "output_dir": str(tmp_path / "out"),
-        "use_cpu": True,
-        "dtype": "float32",
-    }
+    config = train_config(
+        tmp_path,
+        tiny_checkpoint,
+        corpus,
+        document_boundaries=True,
+        eval_documents=1,
+        long_eval_lengths=[64, 256],
+        passkey_lengths=[200],
+        long_eval_steps=2,
+        max_steps=4,
+        save_steps=2,
+    )
     result = run_cli(["train", "--config", str(write_yaml(tmp_path / "train.yaml", config))])
     assert result.returncode == 0, result.stderr[-4000:]
     out = tmp_path / "out"
@@ -191,21 +209,11 @@ def test_continued_pretraining_cli_with_callbacks(tmp_path, tiny_checkpoint, cor
 def test_sft_cli_longalpaca(tmp_path, tiny_checkpoint, four_bit):
     data = tmp_path / "longalpaca.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in longalpaca_records(12, long_every=4)))
-    config = {
-        "model_name_or_path": str(tiny_checkpoint),
+    config = tiny_run(tmp_path, tiny_checkpoint) | {
         "data_files": [str(data)],
-        "context_length": 256,
         "max_length": 256,
         "s2_group_size": 64,
-        "max_steps": 3,
         "per_device_train_batch_size": 2,
-        "gradient_accumulation_steps": 1,
-        "learning_rate": 0.002,
-        "warmup_steps": 1,
-        "save_steps": 3,
-        "output_dir": str(tmp_path / "out"),
-        "use_cpu": True,
-        "dtype": "float32",
         "load_in_4bit": four_bit,
     }
     result = run_cli(["sft", "--config", str(write_yaml(tmp_path / "sft.yaml", config))])
@@ -357,29 +365,22 @@ def accelerate_launch(config_file: Path, args: list[str], timeout: int = 900):
     )  # fmt: skip
 
 
-@pytest.mark.slow
-def test_two_process_ddp_on_cpu(tmp_path, tiny_checkpoint, corpus):
-    """accelerate with 2 CPU processes (gloo): both ranks train; each step sees 2 blocks of 256 tokens."""
-    config = {
-        "model_name_or_path": str(tiny_checkpoint),
-        "corpus": [str(corpus)],
-        "context_length": 256,
-        "max_steps": 3,
-        "gradient_accumulation_steps": 1,
-        "learning_rate": 0.002,
-        "warmup_steps": 1,
-        "save_steps": 3,
-        "output_dir": str(tmp_path / "out"),
-        "use_cpu": True,
-        "dtype": "float32",
-    }
+def train_with_two_processes(tmp_path, accelerate_config: str, checkpoint, corpus) -> list[dict]:
+    """`hf-longlora train` through accelerate with 2 CPU processes; checks both ranks trained, returns the steps."""
+    config = write_yaml(tmp_path / "train.yaml", train_config(tmp_path, checkpoint, corpus))
     result = accelerate_launch(
-        ROOT / "examples" / "accelerate" / "ddp_cpu_2proc.yaml",
-        ["train", "--config", str(write_yaml(tmp_path / "train.yaml", config))],
+        ROOT / "examples" / "accelerate" / accelerate_config, ["train", "--config", str(config)]
     )
     assert result.returncode == 0, result.stderr[-4000:]
     steps = [h for h in trainer_log_history(tmp_path / "out") if "loss" in h]
     assert [h["num_input_tokens_seen"] for h in steps] == [512, 1024, 1536]  # 2 ranks x 1 block x 256 tokens
+    return steps
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu(tmp_path, tiny_checkpoint, corpus):
+    """accelerate with 2 CPU processes (gloo): both ranks train; each step sees 2 blocks of 256 tokens."""
+    train_with_two_processes(tmp_path, "ddp_cpu_2proc.yaml", tiny_checkpoint, corpus)
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
 
 
@@ -392,26 +393,7 @@ def test_deepspeed_zero2_on_cpu(tmp_path, tiny_checkpoint, corpus):
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    config = {
-        "model_name_or_path": str(tiny_checkpoint),
-        "corpus": [str(corpus)],
-        "context_length": 256,
-        "max_steps": 3,
-        "gradient_accumulation_steps": 1,
-        "learning_rate": 0.002,
-        "warmup_steps": 1,
-        "save_steps": 3,
-        "output_dir": str(tmp_path / "out"),
-        "use_cpu": True,
-        "dtype": "float32",
-    }
-    result = accelerate_launch(
-        ROOT / "examples" / "accelerate" / "deepspeed_zero2_cpu_2proc.yaml",
-        ["train", "--config", str(write_yaml(tmp_path / "train.yaml", config))],
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    steps = [h for h in trainer_log_history(tmp_path / "out") if "loss" in h]
-    assert [h["num_input_tokens_seen"] for h in steps] == [512, 1024, 1536]
+    train_with_two_processes(tmp_path, "deepspeed_zero2_cpu_2proc.yaml", tiny_checkpoint, corpus)
     shard = tmp_path / "out" / "checkpoint-3" / "global_step3" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, fragment_address]):
         state = torch.load(shard, weights_only=True, map_location="cpu")["optimizer_state_dict"]
@@ -458,20 +440,16 @@ def test_resume_after_kill_reproduces_the_losses(tmp_path, tiny_checkpoint, corp
     import time
 
     def config(out, resume=False):
-        data = {
-            "model_name_or_path": str(tiny_checkpoint),
-            "corpus": [str(corpus)],
-            "context_length": 2048,
-            "max_steps": 8,
-            "gradient_accumulation_steps": 1,
-            "learning_rate": 0.002,
-            "warmup_steps": 1,
-            "save_steps": 2,
-            "output_dir": str(out),
-            "use_cpu": True,
-            "dtype": "float32",
-            "seed": 7,
-        }
+        data = train_config(
+            tmp_path,
+            tiny_checkpoint,
+            corpus,
+            context_length=2048,
+            max_steps=8,
+            save_steps=2,
+            output_dir=str(out),
+            seed=7,
+        )
         if resume:
             data["resume_from_checkpoint"] = True
         return write_yaml(tmp_path / f"{out.name}-{resume}.yaml", data)
@@ -506,14 +484,9 @@ def test_resume_after_kill_reproduces_the_losses(tmp_path, tiny_checkpoint, corp
 
 
 def test_paged_optimizer_needs_cuda(tmp_path, tiny_checkpoint, corpus, capsys):
-    config = {
-        "model_name_or_path": str(tiny_checkpoint),
-        "corpus": [str(corpus)],
-        "optim": "paged_adamw_32bit",
-        "max_steps": 1,  # never reached: the check fails first
-        "use_cpu": True,
-        "output_dir": str(tmp_path / "o"),
-    }
+    config = train_config(
+        tmp_path, tiny_checkpoint, corpus, optim="paged_adamw_32bit"
+    )  # fails before training
     assert cli.main(["train", "--config", str(write_yaml(tmp_path / "c.yaml", config))]) == 2
     assert "optim='paged_adamw_32bit' needs CUDA" in capsys.readouterr().err
 
