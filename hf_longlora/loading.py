@@ -10,6 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from .attention import S2_ATTENTION, configure_s2, register_s2_attention
 from .context import ROPE_METHODS, extend_context
+from .offline import resolve_model_path
 
 # kwargs of from_pretrained that locate or read the checkpoint, so the config must be read with them too
 _LOCATION_KWARGS = (
@@ -64,7 +65,8 @@ def load_model(
     """Load a causal LM ready for LongLoRA.
 
     Args:
-        name_or_path: a local directory or Hub id (``gguf_file=`` works too).
+        name_or_path: a local directory or Hub id (``gguf_file=`` works too); ``"smollm2"`` is the offline
+            SmolLM2-135M-Instruct (:func:`hf_longlora.offline.smollm2_checkpoint`).
         context_length: extend the context to this many tokens with :func:`hf_longlora.extend_context`
             (applied to the config before the weights load, so the rotary embeddings are built for it).
         rope_method: "linear" (position interpolation, the paper), "yarn" or "dynamic".
@@ -97,6 +99,7 @@ def load_model(
     )
     quantization_config = nf4_quantization_config(quant_storage=storage) if load_in_4bit else None
     register_s2_attention()
+    name_or_path = resolve_model_path(name_or_path)
 
     s2_knobs = {
         _S2_KWARGS[k]: from_pretrained_kwargs.pop(k) for k in list(from_pretrained_kwargs) if k in _S2_KWARGS

@@ -30,6 +30,7 @@ from .callbacks import (
     add_longlora_callbacks,
 )
 from .context import ROPE_METHODS, extend_context
+from .offline import resolve_model_path
 from .peft_config import DEFAULT_TARGET_MODULES, LongLoraConfig
 
 # Training-argument defaults of the LongLoRA recipe (applied to the CLI parsers; a config file overrides them).
@@ -247,6 +248,7 @@ def run_pretraining(
     check_optimizer(training_args, model_args.load_in_4bit)
     if not model_args.model_name_or_path:
         raise ValueError("model_name_or_path is required")
+    model_args.model_name_or_path = resolve_model_path(model_args.model_name_or_path)
     target = check_context_extension(
         model_args.model_name_or_path, longlora_args, revision=model_args.model_revision
     )
@@ -444,6 +446,7 @@ def run_sft(script_args, training_args, model_args, dataset_args, longlora_args,
     check_no_sequence_parallelism(training_args)
     if not model_args.model_name_or_path:
         raise ValueError("model_name_or_path is required")
+    model_args.model_name_or_path = resolve_model_path(model_args.model_name_or_path)
     target = check_context_extension(
         model_args.model_name_or_path, longlora_args, revision=model_args.model_revision
     )
