@@ -30,6 +30,7 @@ from .callbacks import (
     add_longlora_callbacks,
 )
 from .context import ROPE_METHODS, extend_context
+from .loss import ChunkedLossTrainer
 from .offline import resolve_model_path
 from .peft_config import DEFAULT_TARGET_MODULES, LongLoraConfig
 
@@ -240,7 +241,7 @@ def run_pretraining(
 ):
     """Continued pretraining on long documents packed into blocks of the target context (LongLoRA's first stage)."""
     from datasets import Dataset, load_dataset
-    from transformers import Trainer, default_data_collator
+    from transformers import default_data_collator
 
     from .data import pack_documents, read_text_corpus, stdlib_documents, tokenize_documents
 
@@ -296,7 +297,8 @@ def run_pretraining(
 
     model = load_for_training(model_args, longlora_args, training_args, target)
     model.peft_config["default"].training_data = [corpus_args.dataset_name or ",".join(corpus_args.corpus)]
-    trainer = Trainer(
+    # the loss in chunks of the sequence: no (seq, vocab) logits (TRL's SFTTrainer does the same for run_sft)
+    trainer = ChunkedLossTrainer(
         model=model,
         args=training_args,
         train_dataset=Dataset.from_list(blocks),

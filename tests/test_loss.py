@@ -1,0 +1,148 @@
+"""Chunked causal-LM loss: same loss and gradients as the model's own, without the full logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from datasets import Dataset
+from helpers import tiny_config
+from transformers import LlamaForCausalLM, Trainer, TrainingArguments, default_data_collator
+
+from hf_longlora import LongLoraConfig, get_longlora_model
+from hf_longlora.loss import ChunkedLossTrainer, causal_lm_loss, chunked_causal_lm_loss, supports_chunked_loss
+
+
+def _model(tied: bool, longlora: bool = True, seed: int = 0):
+    torch.manual_seed(seed)
+    config = tiny_config(tie_word_embeddings=tied, vocab_size=96)
+    model = LlamaForCausalLM(config).to(torch.float32)
+    if longlora:
+        model = get_longlora_model(
+            model, LongLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+        )
+        # LoRA B starts at zero: make the adapter active so its gradients are not trivially equal
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.1)
+    return model.train()
+
+
+def _batch(seed=1, batch=2, length=37, vocab=96):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, length), generator=g)
+    labels = ids.clone()
+    labels[0, :5] = -100  # a prompt without loss
+    mask = torch.ones_like(ids)
+    if batch > 1:
+        labels[1, -9:] = -100  # padding
+        mask[1, -9:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("num_items", [None, 50])
+def test_same_loss_and_gradients_as_the_model(tied, num_items):
+    model = _model(tied)
+    batch = _batch()
+    extra = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items)}
+    reference = model(**batch, use_cache=False, **extra).loss
+    reference.backward()
+    expected = _grads(model)
+    model.zero_grad()
+
+    loss = causal_lm_loss(model, batch, num_items_in_batch=extra.get("num_items_in_batch"), chunk_size=16)
+    loss.backward()
+    got = _grads(model)
+
+    torch.testing.assert_close(loss, reference, rtol=1e-6, atol=1e-6)
+    assert set(got) == set(expected)
+    names = set(expected)
+    assert any("lora_A" in n for n in names) and any("embed_tokens" in n for n in names)
+    assert any("norm" in n for n in names)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_full_model_gradients_including_the_head():
+    model = _model(tied=False, longlora=False)
+    batch = _batch(seed=3)
+    model(**batch, use_cache=False).loss.backward()
+    expected = _grads(model)
+    model.zero_grad()
+    causal_lm_loss(model, batch, chunk_size=7).backward()
+    got = _grads(model)
+    assert "lm_head.weight" in got
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_shift_labels_and_no_grad():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 11, bias=True)
+    hidden = torch.randn(2, 9, 8)
+    labels = torch.randint(0, 11, (2, 9))
+    logits = head(hidden)
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
+    expected = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, 11), shifted.reshape(-1), ignore_index=-100
+    )
+    with torch.no_grad():
+        got = chunked_causal_lm_loss(hidden, head, shift_labels=shifted, chunk_size=4)
+    torch.testing.assert_close(got, expected)
+    with pytest.raises(ValueError, match="labels"):
+        chunked_causal_lm_loss(hidden, head)
+
+
+def test_logit_transforms_fall_back_to_the_plain_loss():
+    assert supports_chunked_loss(LlamaForCausalLM(tiny_config()))
+    assert not supports_chunked_loss(LlamaForCausalLM(tiny_config(final_logit_softcapping=30.0)))
+
+
+def _train_one_step(trainer_cls, tmp_path, tied):
+    model = _model(tied, seed=5)
+    rows = []
+    for seed in range(4):  # 4 micro-batches of one row, different numbers of labelled tokens
+        b = _batch(seed=10 + seed, batch=1, length=21 + 4 * seed)
+        b["labels"][0, : 3 * seed] = -100
+        rows.append({k: v[0, :21] for k, v in b.items()})
+    args = TrainingArguments(
+        output_dir=str(tmp_path / trainer_cls.__name__),
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=4,
+        max_steps=1,
+        learning_rate=0.1,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        seed=0,
+        data_seed=0,
+    )
+    trainer = trainer_cls(
+        model=model, args=args, train_dataset=Dataset.from_list(rows), data_collator=default_data_collator
+    )
+    result = trainer.train()
+    params = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return result.training_loss, params
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_trainer_gradient_accumulation_matches_transformers(tmp_path, tied, monkeypatch):
+    """One SGD step over 4 accumulated micro-batches with different label counts: same loss and same update."""
+    import hf_longlora.loss as loss_module
+
+    calls = []
+    original = loss_module.causal_lm_loss
+    monkeypatch.setattr(loss_module, "causal_lm_loss", lambda *a, **k: calls.append(k) or original(*a, **k))
+    loss_plain, plain = _train_one_step(Trainer, tmp_path, tied)
+    assert not calls
+    loss_chunked, chunked = _train_one_step(ChunkedLossTrainer, tmp_path, tied)
+    assert len(calls) == 4  # the chunked path ran on every micro-batch
+    assert loss_chunked == pytest.approx(loss_plain, rel=1e-6)
+    for name in plain:
+        torch.testing.assert_close(chunked[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
