@@ -2,6 +2,7 @@
 
 hf-longlora merge --base BASE --adapter DIR --out DIR [--overwrite] [--from-4bit] [--dtype bf16]
 hf-longlora push --adapter DIR --repo-id ORG/NAME [--private] [--merged] [--base-model ID]
+hf-longlora data longalpaca-sample --out FILE.jsonl [--records N] [--length L] [--tokenizer PATH] [--seed S]
 """
 
 from __future__ import annotations
@@ -106,6 +107,47 @@ def _trl_hook(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from .data.longalpaca_sample import build_longalpaca_sample, write_jsonl
+
+    tokenizer = None
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+
+        from .offline import resolve_model_path
+
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(args.tokenizer))
+    records = build_longalpaca_sample(
+        args.records,
+        args.length,
+        min_length=args.min_length,
+        tokenizer=tokenizer,
+        passkey_fraction=args.passkey_fraction,
+        seed=args.seed,
+    )
+    path = write_jsonl(records, args.out)
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(Counter(r["source"] for r in records).items()))
+    print(f"wrote {len(records)} LongAlpaca-format records ({counts}) to {path}")
+    return 0
+
+
+def _add_data_parser(sub) -> None:
+    data = sub.add_parser("data", help="build offline data sets (see docs/training.md)")
+    data.add_argument("dataset", choices=["longalpaca-sample"], help="what to build")
+    data.add_argument("--out", required=True, help="output .jsonl file (sft's data_files reads it)")
+    data.add_argument("--records", type=int, default=32, help="number of records (default 32)")
+    data.add_argument(
+        "--length", type=int, default=8000, help="longest record, characters or --tokenizer tokens"
+    )
+    data.add_argument("--min-length", type=int, default=None, help="shortest record (default: --length)")
+    data.add_argument("--tokenizer", default=None, help="measure lengths in this model's tokens")
+    data.add_argument("--passkey-fraction", type=float, default=0.25, help="share of passkey records")
+    data.add_argument("--seed", type=int, default=0, help="the same seed gives the same records")
+    data.set_defaults(run=_data)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-longlora", description="LongLoRA for the Hugging Face stack.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -147,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--site-dir", default=None, help="site-packages directory (default: this environment's)"
     )
     hook.set_defaults(run=_trl_hook)
+    _add_data_parser(sub)
     return parser
 
 

@@ -1,7 +1,15 @@
 """Data for long-context training: offline corpora, packing into blocks, LongAlpaca records, passkey prompts."""
 
 from .corpora import read_text_corpus, stdlib_documents
+from .longalpaca_sample import build_longalpaca_sample
 from .packing import pack_documents, tokenize_documents
 from .passkey import passkey_prompt
 
-__all__ = ["pack_documents", "passkey_prompt", "read_text_corpus", "stdlib_documents", "tokenize_documents"]
+__all__ = [
+    "build_longalpaca_sample",
+    "pack_documents",
+    "passkey_prompt",
+    "read_text_corpus",
+    "stdlib_documents",
+    "tokenize_documents",
+]
