@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
-	$(PY) examples/quick_train.py
+	$(PY) examples/demo.py
 
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

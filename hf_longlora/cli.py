@@ -1,5 +1,6 @@
 """The ``hf-longlora`` command line.
 
+hf-longlora eval --model PATH [--model LABEL=PATH ...] --data FILES|stdlib --lengths N [N ...] [--out DIR]
 hf-longlora merge --base BASE --adapter DIR --out DIR [--overwrite] [--from-4bit] [--dtype bf16]
 hf-longlora push --adapter DIR --repo-id ORG/NAME [--private] [--merged] [--base-model ID]
 hf-longlora data longalpaca-sample --out FILE.jsonl [--records N] [--length L] [--tokenizer PATH] [--seed S]
@@ -40,6 +41,124 @@ def _push(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_spec(text: str, context_length: int | None):
+    from .evaluation import ModelSpec
+    from .evaluation.models import is_adapter_dir
+
+    label, sep, path = text.partition("=")
+    if not sep:
+        label, path = None, text
+    # --context-length extends plain models (position interpolation alone); an adapter restores its own
+    return ModelSpec(path, label=label, context_length=None if is_adapter_dir(path) else context_length)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .data import read_text_corpus, stdlib_documents
+    from .evaluation import EvalSettings, evaluate_models, format_table
+
+    settings = EvalSettings(
+        lengths=args.lengths,
+        stride=args.stride,
+        mode=args.mode,
+        max_windows=args.max_windows,
+        batch_size=args.batch_size,
+        passkey_lengths=args.passkey_lengths or (),
+        passkey_depths=args.passkey_depths,
+        passkey_trials=args.passkey_trials,
+        forgetting_length=args.forgetting_length,
+        seed=args.seed,
+        dtype=DTYPES[args.dtype] if args.dtype else None,
+        progress=not args.no_progress,
+        extra={"data": args.data, "forgetting_data": args.forgetting_data or args.data},
+    )
+    settings.check()
+
+    def documents(paths):
+        docs = (
+            stdlib_documents() if paths == ["stdlib"] else read_text_corpus(paths, text_field=args.text_field)
+        )
+        return docs[: args.max_documents] if args.max_documents else docs
+
+    specs = [_model_spec(m, args.context_length) for m in args.model]
+    for spec in specs:
+        spec.base = args.base
+    results = evaluate_models(
+        specs,
+        documents(args.data),
+        settings,
+        forgetting_documents=documents(args.forgetting_data) if args.forgetting_data else None,
+        out_dir=args.out,
+    )
+    print(format_table(results))
+    print(f"results, summary and plots written to {args.out}")
+    return 0
+
+
+def _add_eval_parser(sub) -> None:
+    from .evaluation.passkey import DEFAULT_DEPTHS
+    from .evaluation.perplexity import DEFAULT_STRIDE, PERPLEXITY_MODES
+
+    ev = sub.add_parser(
+        "eval",
+        help="perplexity per context length, passkey retrieval and forgetting, full attention (docs/evaluation.md)",
+    )
+    ev.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        help="model dir, Hub id, 'smollm2', merged model or adapter dir; LABEL=PATH names it; repeat to compare",
+    )
+    ev.add_argument(
+        "--base", default=None, help="base model of the adapters (default: recorded in each adapter)"
+    )
+    ev.add_argument(
+        "--context-length",
+        type=int,
+        default=None,
+        help="extend plain (non-adapter) models to this context with --rope-method first (PI-alone baseline)",
+    )
+    ev.add_argument(
+        "--data",
+        nargs="+",
+        required=True,
+        help="held-out documents: .txt/.md/.py/.jsonl files, dirs, or 'stdlib'",
+    )
+    ev.add_argument("--text-field", default="text", help="field holding the text in .jsonl files")
+    ev.add_argument("--max-documents", type=int, default=None, help="use at most this many documents")
+    ev.add_argument(
+        "--lengths", type=int, nargs="+", required=True, help="context lengths (tokens) for perplexity"
+    )
+    ev.add_argument("--mode", choices=PERPLEXITY_MODES, default="sliding", help="window placement")
+    ev.add_argument(
+        "--stride", type=int, default=DEFAULT_STRIDE, help="sliding mode: a window starts every STRIDE tokens"
+    )
+    ev.add_argument("--max-windows", type=int, default=None, help="score an evenly spaced subset of windows")
+    ev.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    ev.add_argument("--passkey-lengths", type=int, nargs="*", default=None, help="prompt lengths for passkey")
+    ev.add_argument(
+        "--passkey-depths", type=float, nargs="+", default=list(DEFAULT_DEPTHS), help="relative needle depths"
+    )
+    ev.add_argument("--passkey-trials", type=int, default=2, help="keys per (length, depth) cell")
+    ev.add_argument(
+        "--forgetting-data",
+        nargs="+",
+        default=None,
+        help="held-out text of the base's domain (default: --data)",
+    )
+    ev.add_argument(
+        "--forgetting-length", type=int, default=None, help="default: the first model's original context"
+    )
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument(
+        "--dtype", choices=sorted(DTYPES), default=None, help="weights dtype (default: checkpoint's)"
+    )
+    ev.add_argument(
+        "--out", default="outputs/eval", help="directory for eval.json, eval_summary.json and plots"
+    )
+    ev.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ev.set_defaults(run=_eval)
+
+
 def training_parser(command: str):
     """TrlParser for `train` (ModelConfig, corpus, LongLoRA, TrainingArguments) or `sft` (TRL's sft script's
     dataclasses plus LongLoRA's and the LongAlpaca data arguments), with LongLoRA's recipe defaults."""
@@ -65,6 +184,19 @@ def training_parser(command: str):
     return parser
 
 
+def _explicit_keys(argv: list[str]) -> set[str]:
+    """The keys a user set, in the --config YAML or as --flags (the recipe scales only the others)."""
+    import yaml
+
+    keys = {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
+    for i, arg in enumerate(argv):
+        path = argv[i + 1] if arg == "--config" and i + 1 < len(argv) else arg.partition("=")[2]
+        if (arg == "--config" or arg.startswith("--config=")) and path:
+            with open(path, encoding="utf-8") as f:
+                keys |= set(yaml.safe_load(f) or {})
+    return keys
+
+
 def _run_training(command: str, argv: list[str]) -> int:
     from .callbacks import NonFiniteLossError
     from .training import run_pretraining, run_sft
@@ -80,12 +212,13 @@ def _run_training(command: str, argv: list[str]) -> int:
                 f"unknown keys {unknown + [a for a in cli_rest if a.startswith('--')] or cli_rest}; "
                 f"`hf-longlora {command} --help` lists the accepted keys"
             )
+        explicit = _explicit_keys(argv)
         if command == "train":
             model_args, corpus_args, longlora_args, training_args = parsed
-            run_pretraining(model_args, corpus_args, longlora_args, training_args)
+            run_pretraining(model_args, corpus_args, longlora_args, training_args, recipe_explicit=explicit)
         else:
             script_args, training_args, model_args, dataset_args, longlora_args, data_args = parsed
-            run_sft(script_args, training_args, model_args, dataset_args, longlora_args, data_args)
+            run_sft(script_args, training_args, model_args, dataset_args, longlora_args, data_args, explicit)
     except (ValueError, FileNotFoundError, ImportError, NonFiniteLossError) as exc:
         print(f"hf-longlora {command}: error: {exc}", file=sys.stderr)
         return 2
@@ -157,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "sft", help="SFT on LongAlpaca-format data through TRL (--config YAML; see docs/training.md)"
     )
+
+    _add_eval_parser(sub)
 
     merge = sub.add_parser("merge", help="fold an adapter into a standalone transformers checkpoint")
     merge.add_argument("--base", required=True, help="base model path or Hub id the adapter was trained on")

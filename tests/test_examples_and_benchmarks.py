@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -19,25 +20,31 @@ def run(args, cwd, timeout=600):
 
 
 @pytest.mark.slow
-def test_quick_train_example(tmp_path):
-    out = run(
-        [
-            str(ROOT / "examples" / "quick_train.py"),
-            "--base-steps",
-            "12",
-            "--steps",
-            "4",
-            "--native",
-            "64",
-            "--out",
-            str(tmp_path / "run"),
-        ],
-        cwd=tmp_path,
-    )
-    assert "trained 4 steps at 256 tokens with S2-Attn" in out
-    before, after = map(float, re.search(r"256 tokens ([\d.]+) before -> ([\d.]+) after", out).groups())
-    assert before > 0 and after > 0
-    assert (tmp_path / "run" / "adapter_model.safetensors").exists()
+def test_demo_in_a_tiny_configuration(tmp_path):
+    """`make demo` end to end (base pretraining, hf-longlora train, merge, evaluation), scaled down."""
+    args = [str(ROOT / "examples" / "demo.py"), "--out", str(tmp_path / "demo"), "--native", "64"]
+    args += ["--base-steps", "12", "--steps", "4", "--max-windows", "2", "--passkey-trials", "1"]
+    out = run(args, cwd=tmp_path)
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert (summary["native_context"], summary["target_context"]) == (64, 256)
+    for stage in ("before", "after"):
+        assert set(summary["perplexity"][stage]) == {"64", "128", "256"}
+        assert all(v > 1 for v in summary["perplexity"][stage].values())
+        assert 0.0 <= summary["passkey"][stage] <= 1.0
+    # the merged model is the adapter folded in: same perplexity
+    for n, value in summary["perplexity"]["after"].items():
+        assert summary["merged_perplexity"][n] == pytest.approx(value, rel=1e-3)
+    demo = tmp_path / "demo"
+    for path in ("adapter/adapter_model.safetensors", "adapter/README.md", "merged/model.safetensors"):
+        assert (demo / path).is_file(), path
+    for png in ("perplexity.png", "passkey_before.png", "passkey_after.png"):
+        assert (demo / "eval" / png).read_bytes()[:4] == b"\x89PNG", png
+    assert "| 256 |" in (demo / "adapter" / "README.md").read_text()  # the card's before/after table
+    assert "perplexity at 256 tokens (4x native)" in out
+
+    # a second run reuses the cached base model
+    out = run(args, cwd=tmp_path)
+    assert "base model: reusing" in out
 
 
 @pytest.mark.slow

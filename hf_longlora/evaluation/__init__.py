@@ -1,0 +1,29 @@
+"""Long-context evaluation with full attention: perplexity per context length, passkey retrieval, forgetting.
+
+- :func:`perplexity`: LongLoRA's sliding-window protocol (windows of the evaluated length every ``stride`` = 256
+  tokens) or non-overlapping windows, over a token stream;
+- :func:`passkey_accuracy`: LongLoRA's passkey retrieval, accuracy per length and depth;
+- :func:`load_for_evaluation`: a base model (optionally position-interpolated), an adapter or a merged model;
+- :func:`evaluate_models`: several models side by side on the same windows and prompts, with JSON, a table and
+  PNG plots (``hf-longlora eval`` on the command line).
+"""
+
+from .models import EvalModel, load_for_evaluation
+from .passkey import passkey_accuracy
+from .perplexity import perplexity, token_stream, window_starts
+from .run import EvalSettings, ModelSpec, evaluate_models, format_table, summary_of, write_outputs
+
+__all__ = [
+    "EvalModel",
+    "EvalSettings",
+    "ModelSpec",
+    "evaluate_models",
+    "format_table",
+    "load_for_evaluation",
+    "passkey_accuracy",
+    "perplexity",
+    "summary_of",
+    "token_stream",
+    "window_starts",
+    "write_outputs",
+]

@@ -1,0 +1,271 @@
+"""Evaluate one or more models side by side: perplexity per length, passkey, forgetting; JSON, table and plots."""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data import tokenize_documents
+from .models import load_for_evaluation, tokenizer_for
+from .passkey import DEFAULT_DEPTHS, mean_accuracy, passkey_accuracy
+from .perplexity import DEFAULT_STRIDE, PERPLEXITY_MODES, perplexity, token_stream, window_starts
+
+RESULTS_FILE = "eval.json"
+SUMMARY_FILE = "eval_summary.json"  # the short form model cards read (see hf_longlora.hub)
+
+
+@dataclass
+class ModelSpec:
+    """One model to evaluate: ``path`` (model, merged model or adapter directory) and how to load it."""
+
+    path: str
+    label: str | None = None
+    base: str | None = None  # an adapter's base (default: recorded in the adapter)
+    context_length: int | None = None  # extend a model (not an adapter) to this context first
+
+
+@dataclass
+class EvalSettings:
+    """What to measure. Lengths are in tokens."""
+
+    lengths: Sequence[int]
+    stride: int = DEFAULT_STRIDE
+    mode: str = "sliding"
+    max_windows: int | None = None
+    batch_size: int = 1
+    passkey_lengths: Sequence[int] = ()
+    passkey_depths: Sequence[float] = DEFAULT_DEPTHS
+    passkey_trials: int = 2
+    forgetting_length: int | None = None  # default: the first model's original context
+    seed: int = 0
+    dtype: torch.dtype | None = None
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)  # recorded as is in the results' "protocol"
+
+    def check(self) -> None:
+        """Raise ValueError naming the first bad setting, before any model loads."""
+        if not self.lengths:
+            raise ValueError("lengths: give at least one context length")
+        if any(isinstance(n, bool) or not isinstance(n, int) or n < 2 for n in self.lengths):
+            raise ValueError(f"lengths must be integers >= 2, got {list(self.lengths)}")
+        if self.mode not in PERPLEXITY_MODES:
+            raise ValueError(f"mode must be one of {PERPLEXITY_MODES}, got {self.mode!r}")
+        if self.stride < 1:
+            raise ValueError(f"stride must be >= 1, got {self.stride}")
+        if self.max_windows is not None and self.max_windows < 1:
+            raise ValueError(f"max_windows must be >= 1, got {self.max_windows}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.passkey_trials < 1:
+            raise ValueError(f"passkey_trials must be >= 1, got {self.passkey_trials}")
+        if any(not 0.0 <= d <= 1.0 for d in self.passkey_depths) or not self.passkey_depths:
+            raise ValueError(f"passkey_depths must be values in [0, 1], got {list(self.passkey_depths)}")
+        if any(n < 16 for n in self.passkey_lengths):
+            raise ValueError(f"passkey_lengths must be >= 16 tokens, got {list(self.passkey_lengths)}")
+
+
+def evaluate_models(
+    specs: Sequence[ModelSpec],
+    documents: Sequence[str],
+    settings: EvalSettings,
+    *,
+    forgetting_documents: Sequence[str] | None = None,
+    out_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Evaluate each model in turn (one in memory at a time) on the same windows and passkey prompts.
+
+    Args:
+        specs: the models; labels must be unique (the first one is the baseline for the forgetting delta).
+        documents: held-out long documents (text).
+        settings: lengths, protocol and passkey settings.
+        forgetting_documents: held-out text of the base model's domain, scored at the base's original context
+            (default: ``documents``).
+        out_dir: if given, write ``eval.json``, ``eval_summary.json``, ``perplexity.png`` and one
+            ``passkey_<label>.png`` per model there.
+
+    Returns the results dict written to ``eval.json``.
+    """
+    settings.check()
+    if not specs:
+        raise ValueError("give at least one model to evaluate")
+    labels = [s.label or Path(s.path).name or s.path for s in specs]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"model labels must be unique, got {labels}: pass a label per model")
+    if not documents:
+        raise ValueError("documents: the evaluation text is empty")
+    forgetting_documents = forgetting_documents or documents
+    # fail on a text too short for the longest window before any model loads
+    tokenizer = tokenizer_for(specs[0].path, specs[0].base)
+    n_tokens = len(token_stream(tokenize_documents(tokenizer, documents), tokenizer.eos_token_id))
+    for n in settings.lengths:
+        window_starts(n_tokens, n, stride=settings.stride, mode=settings.mode)
+
+    results: dict[str, Any] = {
+        "protocol": {
+            "mode": settings.mode,
+            "stride": settings.stride if settings.mode == "sliding" else None,
+            "max_windows": settings.max_windows,
+            "passkey_depths": list(settings.passkey_depths),
+            "passkey_trials": settings.passkey_trials,
+            "seed": settings.seed,
+            "attention": "full (sdpa, eval mode)",
+            **settings.extra,
+        },
+        "models": {},
+    }
+    forgetting_length = settings.forgetting_length
+    for spec, label in zip(specs, labels, strict=True):
+        torch.manual_seed(settings.seed)
+        loaded = load_for_evaluation(
+            spec.path, label=label, base=spec.base, context_length=spec.context_length, dtype=settings.dtype
+        )
+        tokenizer = loaded.tokenizer
+        eos = tokenizer.eos_token_id
+        stream = token_stream(tokenize_documents(tokenizer, documents), eos)
+        entry: dict[str, Any] = {
+            "path": spec.path,
+            "kind": loaded.kind,
+            "original_context": loaded.original_context,
+            "context": loaded.context,
+            "eval_tokens": len(stream),
+        }
+        entry["perplexity"] = perplexity(
+            loaded.model,
+            stream,
+            settings.lengths,
+            stride=settings.stride,
+            mode=settings.mode,
+            max_windows=settings.max_windows,
+            batch_size=settings.batch_size,
+            progress=settings.progress,
+            description=f"{label}: perplexity",
+        )
+        if forgetting_length is None:
+            forgetting_length = loaded.original_context
+        forgetting_stream = token_stream(tokenize_documents(tokenizer, forgetting_documents), eos)
+        entry["forgetting"] = {
+            "length": forgetting_length,
+            "perplexity": perplexity(
+                loaded.model,
+                forgetting_stream,
+                [forgetting_length],
+                stride=settings.stride,
+                mode=settings.mode,
+                max_windows=settings.max_windows,
+                batch_size=settings.batch_size,
+                progress=settings.progress,
+                description=f"{label}: forgetting",
+            )[forgetting_length],
+        }
+        if settings.passkey_lengths:
+            cells = passkey_accuracy(
+                loaded.model,
+                tokenizer,
+                settings.passkey_lengths,
+                depths=settings.passkey_depths,
+                trials=settings.passkey_trials,
+                seed=settings.seed,
+                progress=settings.progress,
+                description=f"{label}: passkey",
+            )
+            entry["passkey"] = cells
+            entry["passkey_accuracy"] = {n: mean_accuracy(row) for n, row in cells.items()}
+        results["models"][label] = entry
+        del loaded
+        gc.collect()
+
+    baseline = results["models"][labels[0]]["forgetting"]["perplexity"]
+    for label in labels:
+        forgetting = results["models"][label]["forgetting"]
+        forgetting["change_vs_" + labels[0]] = forgetting["perplexity"] / baseline - 1.0
+    if out_dir is not None:
+        write_outputs(results, out_dir)
+    return results
+
+
+def summary_of(results: dict[str, Any]) -> dict[str, Any]:
+    """The short form model cards read: perplexity per model and length, passkey at the longest length."""
+    summary: dict[str, Any] = {"perplexity": {}, "passkey": {}}
+    for label, entry in results["models"].items():
+        summary["perplexity"][label] = {str(n): v for n, v in entry["perplexity"].items()}
+        if entry.get("passkey_accuracy"):
+            longest = max(entry["passkey_accuracy"])
+            summary["passkey"][label] = entry["passkey_accuracy"][longest]
+    if not summary["passkey"]:
+        del summary["passkey"]
+    return summary
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_outputs(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
+    """``eval.json``, ``eval_summary.json``, ``perplexity.png`` and ``passkey_<label>.png`` in ``out_dir``."""
+    from .plots import plot_passkey_heatmap, plot_perplexity
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"results": out / RESULTS_FILE, "summary": out / SUMMARY_FILE}
+    paths["results"].write_text(json.dumps(_jsonable(results), indent=2) + "\n", encoding="utf-8")
+    paths["summary"].write_text(json.dumps(_jsonable(summary_of(results)), indent=2) + "\n", encoding="utf-8")
+    models = results["models"]
+    natives = {entry["original_context"] for entry in models.values()}
+    paths["perplexity_plot"] = plot_perplexity(
+        {label: entry["perplexity"] for label, entry in models.items()},
+        out / "perplexity.png",
+        native_context=natives.pop() if len(natives) == 1 else None,
+    )
+    for label, entry in models.items():
+        if entry.get("passkey"):
+            paths[f"passkey_{label}"] = plot_passkey_heatmap(
+                entry["passkey"], out / f"passkey_{_safe(label)}.png", title=f"Passkey retrieval: {label}"
+            )
+    return paths
+
+
+def _safe(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """A plain-text table: perplexity per length, forgetting and passkey accuracy per model."""
+    models = results["models"]
+    lengths = sorted({n for entry in models.values() for n in entry["perplexity"]})
+    passkey_lengths = sorted({n for entry in models.values() for n in entry.get("passkey_accuracy", {})})
+    first = next(iter(models))
+    header = (
+        ["model"]
+        + [f"ppl@{n}" for n in lengths]
+        + [f"forgetting ppl@{models[first]['forgetting']['length']}", f"vs {first}"]
+        + [f"passkey@{n}" for n in passkey_lengths]
+    )
+    rows = [header]
+    for label, entry in models.items():
+        forgetting = entry["forgetting"]
+        rows.append(
+            [label]
+            + [f"{entry['perplexity'][n]:.2f}" if n in entry["perplexity"] else "" for n in lengths]
+            + [f"{forgetting['perplexity']:.2f}", f"{forgetting['change_vs_' + first]:+.1%}"]
+            + [
+                f"{entry['passkey_accuracy'][n]:.0%}" if n in entry.get("passkey_accuracy", {}) else ""
+                for n in passkey_lengths
+            ]
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
