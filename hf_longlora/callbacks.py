@@ -18,6 +18,7 @@ Metrics are added to the trainer's log entries (``trainer.state.log_history`` an
 
 from __future__ import annotations
 
+import contextlib
 import math
 import resource
 import sys
@@ -194,6 +195,12 @@ class LongContextEvalCallback(TrainerCallback):
         model.eval()  # full attention
         device = next(model.parameters()).device
         metrics: dict[str, float] = {}
+        # TRL's SFTTrainer casts a quantized model's trainable weights (LoRA, embeddings, norms) to bf16 and leaves
+        # the rest (lm_head) as loaded: its training forward copes, a plain forward and generate need autocast
+        dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+        autocast = contextlib.ExitStack()
+        if len(dtypes) > 1 and torch.bfloat16 in dtypes:
+            autocast.enter_context(torch.autocast(device.type, dtype=torch.bfloat16))
         try:
             for length in self.lengths:
                 nll, count = 0.0, 0
@@ -214,6 +221,7 @@ class LongContextEvalCallback(TrainerCallback):
                     hits += key in answer.split(".")[0].replace(" ", "")
                 metrics[f"eval_passkey_{length}"] = hits / self.passkey_trials
         finally:
+            autocast.close()
             model.train(was_training)
         return metrics
 

@@ -84,6 +84,13 @@ class LongLoraArguments:
     long_eval_steps: int = field(
         default=100, metadata={"help": "Run the long-context evaluation every N steps."}
     )
+    long_eval_corpus: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Held-out long documents for long_eval_lengths: files/directories or 'stdlib' (sft; train "
+            "holds out eval_documents of its corpus instead)."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.rope_method not in ROPE_METHODS:
@@ -214,7 +221,23 @@ def load_for_training(model_args, longlora_args: LongLoraArguments, training_arg
         **kwargs,
     )
     model.config.use_cache = False  # packed batches are only detected without a KV cache
+    if model_args.load_in_4bit:
+        quantized = sum(type(m).__name__ == "Linear4bit" for m in model.modules())
+        print(f"hf-longlora: base loaded in NF4 (bitsandbytes): {quantized} Linear4bit layers", flush=True)
     return get_longlora_model(model, longlora_config_from(model_args, longlora_args))
+
+
+def _held_out_tokens(paths: list[str], tokenizer, needed: int) -> list[list[int]]:
+    """Tokenized documents of ``long_eval_corpus`` ('stdlib' or files), read until ``needed`` tokens."""
+    from .data import read_text_corpus, stdlib_documents, tokenize_documents
+
+    documents = stdlib_documents() if paths == ["stdlib"] else read_text_corpus(paths)
+    token_ids: list[list[int]] = []
+    for document in documents:
+        token_ids += tokenize_documents(tokenizer, [document])
+        if sum(map(len, token_ids)) >= needed:
+            break
+    return token_ids
 
 
 def _callbacks(longlora_args: LongLoraArguments, tokenizer, eval_token_ids) -> list:
@@ -222,8 +245,14 @@ def _callbacks(longlora_args: LongLoraArguments, tokenizer, eval_token_ids) -> l
     lengths = longlora_args.long_eval_lengths or []
     passkeys = longlora_args.passkey_lengths or []
     if lengths or passkeys:
-        if not eval_token_ids:
-            raise ValueError("long_eval_lengths needs held-out documents (set eval_documents > 0)")
+        if lengths and not eval_token_ids and longlora_args.long_eval_corpus:
+            # the callback scores up to 4 windows per length
+            eval_token_ids = _held_out_tokens(longlora_args.long_eval_corpus, tokenizer, 4 * max(lengths))
+        if lengths and not eval_token_ids:
+            raise ValueError(
+                "long_eval_lengths needs held-out documents: set long_eval_corpus (files or 'stdlib'), or "
+                "eval_documents > 0 with train"
+            )
         callbacks.append(
             LongContextEvalCallback(
                 eval_token_ids,
@@ -237,9 +266,16 @@ def _callbacks(longlora_args: LongLoraArguments, tokenizer, eval_token_ids) -> l
 
 
 def run_pretraining(
-    model_args, corpus_args: CorpusArguments, longlora_args: LongLoraArguments, training_args
+    model_args,
+    corpus_args: CorpusArguments,
+    longlora_args: LongLoraArguments,
+    training_args,
+    recipe_explicit: set[str] | None = None,
 ):
-    """Continued pretraining on long documents packed into blocks of the target context (LongLoRA's first stage)."""
+    """Continued pretraining on long documents packed into blocks of the target context (LongLoRA's first stage).
+
+    ``recipe_explicit``: the keys the user set (the CLI passes them); when given, the other recipe defaults are
+    scaled to the model with :func:`scale_recipe`."""
     from datasets import Dataset, load_dataset
     from transformers import default_data_collator
 
@@ -253,6 +289,8 @@ def run_pretraining(
     target = check_context_extension(
         model_args.model_name_or_path, longlora_args, revision=model_args.model_revision
     )
+    if recipe_explicit is not None:
+        scale_recipe("train", recipe_explicit, model_args, longlora_args, training_args, target)
     sources = [
         corpus_args.corpus is not None and len(corpus_args.corpus) > 0,
         corpus_args.dataset_name is not None,
@@ -441,8 +479,18 @@ def prepare_sft_dataset(dataset, tokenizer, data_args: SFTDataArguments, max_len
     return result, counts
 
 
-def run_sft(script_args, training_args, model_args, dataset_args, longlora_args, data_args: SFTDataArguments):
-    """Supervised fine-tuning on LongAlpaca-format data through TRL's SFTTrainer (LongLoRA's second stage)."""
+def run_sft(
+    script_args,
+    training_args,
+    model_args,
+    dataset_args,
+    longlora_args,
+    data_args: SFTDataArguments,
+    recipe_explicit: set[str] | None = None,
+):
+    """Supervised fine-tuning on LongAlpaca-format data through TRL's SFTTrainer (LongLoRA's second stage).
+
+    ``recipe_explicit``: as in :func:`run_pretraining`."""
     from trl import SFTTrainer
 
     check_no_sequence_parallelism(training_args)
@@ -454,6 +502,8 @@ def run_sft(script_args, training_args, model_args, dataset_args, longlora_args,
     )
     if training_args.max_length is not None and training_args.max_length > target:
         raise ValueError(f"max_length={training_args.max_length} exceeds context_length={target}")
+    if recipe_explicit is not None:
+        scale_recipe("sft", recipe_explicit, model_args, longlora_args, training_args, target)
     tokenizer = AutoTokenizer.from_pretrained(
         model_args.model_name_or_path, revision=model_args.model_revision
     )
@@ -487,3 +537,43 @@ def recipe_defaults_for(parser) -> None:
     if "bf16" in known:
         defaults["bf16"] = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     parser.set_defaults(**defaults)
+
+
+# LongLoRA's SFT recipe: a fixed S2 group of 8192 tokens (at 32k context, a quarter of it).
+SFT_GROUP_SIZE = 8192
+
+
+def scale_recipe(
+    command: str, explicit: set[str], model_args, longlora_args: LongLoraArguments, training_args, target: int
+) -> dict[str, Any]:
+    """Scale the recipe's defaults (Llama-2 7B-70B, 8 GPUs, 1000 steps) to this model, context and run.
+
+    Only keys not in ``explicit`` (the keys the user set) change:
+
+    - ``sft``: a fixed S2 group ``min(8192, context_length // 4)``. From 32k up that is the recipe's 8192; below,
+      a quarter of the context, so the longest records get 4 groups as the recipe's 32k ones do and shorter records
+      attend in full (a fixed 8192 would be full attention for every record under 8k). Left alone if
+      ``s2_group_size`` or ``s2_group_size_ratio`` is set. ``train`` keeps ratio 1/4 (its blocks are all
+      ``context_length`` long).
+    - ``warmup_steps``: the recipe warms up 20 of 1000 steps; ``min(20, ceil(max_steps / 50))``, at least 1.
+    - ``learning_rate``: 1e-5 for models with hidden size >= 8192 (Llama-2-70B, as in the paper), else 2e-5.
+
+    Per-device batch 1 and gradient accumulation 8 stay (the global batch is 8 x the number of processes).
+    Returns the changed values (also printed).
+    """
+    changes: dict[str, Any] = {}
+    if command == "sft" and not explicit & {"s2_group_size", "s2_group_size_ratio"}:
+        group = max(2, min(SFT_GROUP_SIZE, target // 4))
+        S2Settings(longlora_args.s2_group_size_ratio, group, longlora_args.s2_shift)  # validates
+        longlora_args.s2_group_size = changes["s2_group_size"] = group
+    if "warmup_steps" not in explicit and training_args.max_steps and training_args.max_steps > 0:
+        warmup = max(1, min(RECIPE_DEFAULTS["warmup_steps"], -(-training_args.max_steps // 50)))
+        if warmup != training_args.warmup_steps:
+            training_args.warmup_steps = changes["warmup_steps"] = warmup
+    if "learning_rate" not in explicit:
+        config = AutoConfig.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
+        if getattr(config.get_text_config(), "hidden_size", 0) >= 8192:
+            training_args.learning_rate = changes["learning_rate"] = 1e-5
+    if changes:
+        print(f"hf-longlora {command}: recipe defaults scaled to the model and run: {changes}", flush=True)
+    return changes

@@ -206,7 +206,9 @@ def test_continued_pretraining_cli_with_callbacks(tmp_path, tiny_checkpoint, cor
 
 @pytest.mark.slow
 @pytest.mark.parametrize("four_bit", [False, True], ids=["bf16-free", "nf4"])
-def test_sft_cli_longalpaca(tmp_path, tiny_checkpoint, four_bit):
+def test_sft_cli_longalpaca(tmp_path, tiny_checkpoint, corpus, four_bit):
+    """SFT through the CLI, in fp32 and on an NF4 base, with the long-context evaluation callback inside
+    TRL's SFTTrainer (held-out documents from long_eval_corpus)."""
     data = tmp_path / "longalpaca.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in longalpaca_records(12, long_every=4)))
     config = tiny_run(tmp_path, tiny_checkpoint) | {
@@ -215,9 +217,17 @@ def test_sft_cli_longalpaca(tmp_path, tiny_checkpoint, four_bit):
         "s2_group_size": 64,
         "per_device_train_batch_size": 2,
         "load_in_4bit": four_bit,
+        "long_eval_corpus": [str(corpus)],
+        "long_eval_lengths": [256],
+        "passkey_lengths": [128],
+        "long_eval_steps": 2,
     }
     result = run_cli(["sft", "--config", str(write_yaml(tmp_path / "sft.yaml", config))])
     assert result.returncode == 0, result.stderr[-4000:]
+    # 2 layers x q/k/v/o/gate/up/down quantized (the tiny model's lm_head is not)
+    assert (
+        "hf-longlora: base loaded in NF4 (bitsandbytes): 14 Linear4bit layers" in result.stdout
+    ) == four_bit
     # 3 of 12 records are ~40x longer than the rest: dropped and counted, never silently cut
     assert "12 records; over max_length=256: 3 dropped, 0 truncated (overlong_policy=drop)" in result.stdout
     out = tmp_path / "out"
@@ -228,6 +238,23 @@ def test_sft_cli_longalpaca(tmp_path, tiny_checkpoint, four_bit):
     assert len(steps) == 3 and all(h["loss"] == h["loss"] for h in steps)
     assert steps[0]["s2_attention_calls_train"] > 0 and steps[0]["full_attention_calls_train"] == 0
     assert all(h["step_tokens_per_second"] > 0 and h["peak_memory_gb"] > 0 for h in steps)
+    evals = [h for h in history if "eval_ppl_256" in h]
+    assert [h["step"] for h in evals] == [2, 3]  # every 2 steps and at the end
+    assert all(1 < h["eval_ppl_256"] < 1e6 and 0 <= h["eval_passkey_128"] <= 1 for h in evals)
+
+
+@pytest.mark.slow
+def test_train_cli_nf4(tmp_path, tiny_checkpoint, corpus):
+    """`hf-longlora train` on an NF4 base (bitsandbytes on CPU, optim adamw_torch): trains and saves the adapter."""
+    config = train_config(tmp_path, tiny_checkpoint, corpus, load_in_4bit=True, optim="adamw_torch")
+    result = run_cli(["train", "--config", str(write_yaml(tmp_path / "train.yaml", config))])
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "hf-longlora: base loaded in NF4 (bitsandbytes): 14 Linear4bit layers" in result.stdout
+    steps = [h for h in trainer_log_history(tmp_path / "out") if "loss" in h]
+    assert len(steps) == 3 and all(0 < h["loss"] < 100 for h in steps)
+    assert steps[0]["s2_attention_calls_train"] > 0
+    adapter_config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert adapter_config["context_length"] == 256
 
 
 # ------------------------------------------------------------------------------------------------ trl hook
@@ -514,3 +541,56 @@ def test_chat_template_prompts_and_overlong_counts(tiny_checkpoint):
     dataset, counts = prepare_sft_dataset(Dataset.from_list(short_prompt), tokenizer, args, max_length=256)
     assert counts == {"records": 3, "overlong_dropped": 0, "overlong_truncated": 1} and len(dataset) == 3
     assert dataset[0]["prompt"] == "[INST] Repeat the text. [/INST]"
+
+
+# ------------------------------------------------------------------------------------------- recipe scaling
+
+
+def scaled(tmp_path, command, explicit=(), hidden_size=4096, max_steps=1000, target=32768, **training):
+    """scale_recipe on a config-only Llama of the given width (no weights) with the recipe's defaults."""
+    from transformers import LlamaConfig, TrainingArguments
+    from trl import ModelConfig
+
+    from hf_longlora.training import RECIPE_DEFAULTS, LongLoraArguments, scale_recipe
+
+    path = tmp_path / f"llama-{hidden_size}"
+    LlamaConfig(
+        hidden_size=hidden_size, num_attention_heads=32, max_position_embeddings=4096
+    ).save_pretrained(path)
+    defaults = {k: RECIPE_DEFAULTS[k] for k in ("learning_rate", "warmup_steps")}
+    args = TrainingArguments(output_dir=str(tmp_path / "o"), max_steps=max_steps, **(defaults | training))
+    longlora = LongLoraArguments()
+    changes = scale_recipe(
+        command, set(explicit), ModelConfig(model_name_or_path=str(path)), longlora, args, target
+    )
+    return changes, longlora, args
+
+
+def test_recipe_scaled_to_the_model(tmp_path):
+    # SFT: the recipe's fixed group 8192 from 32k up, a quarter of the context below
+    changes, longlora, args = scaled(tmp_path, "sft")
+    assert changes == {"s2_group_size": 8192} and args.warmup_steps == 20 and args.learning_rate == 2e-5
+    assert scaled(tmp_path, "sft", target=100_000)[1].s2_group_size == 8192
+    changes, longlora, args = scaled(tmp_path, "sft", target=1024, max_steps=10)
+    assert changes == {"s2_group_size": 256, "warmup_steps": 1} and args.warmup_steps == 1
+    # continued pretraining keeps ratio 1/4; warmup is 2% of the steps, capped at the recipe's 20
+    changes, longlora, args = scaled(tmp_path, "train", max_steps=300, target=8192)
+    assert changes == {"warmup_steps": 6} and longlora.s2_group_size is None
+    # Llama-2-70B's width: the paper's 1e-5
+    assert scaled(tmp_path, "train", hidden_size=8192)[0] == {"learning_rate": 1e-5}
+    # keys the user set are never changed
+    changes, longlora, args = scaled(
+        tmp_path, "sft", explicit={"s2_group_size_ratio", "warmup_steps", "learning_rate"}, hidden_size=8192,
+        max_steps=10, warmup_steps=5, learning_rate=3e-4,
+    )  # fmt: skip
+    assert (
+        changes == {}
+        and longlora.s2_group_size is None
+        and (args.warmup_steps, args.learning_rate) == (5, 3e-4)
+    )
+
+
+def test_explicit_keys_come_from_the_config_and_the_flags(tmp_path):
+    config = write_yaml(tmp_path / "c.yaml", {"model_name_or_path": "m", "s2_group_size": 64})
+    keys = cli._explicit_keys(["--config", str(config), "--warmup_steps", "3", "--learning_rate=0.1"])
+    assert keys == {"config", "model_name_or_path", "s2_group_size", "warmup_steps", "learning_rate"}

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# LongLoRA stage 1, continued pretraining on long documents: `hf-longlora train` under `accelerate launch`.
+#
+#   [ACCELERATE_CONFIG=examples/accelerate/<x>.yaml] examples/launch/pretrain.sh CONFIG.yaml [--key value ...]
+#
+# Run from anywhere; paths are relative to the repository root. Flags after the config override its keys.
+#   8 GPUs, ZeRO-2:  ACCELERATE_CONFIG=examples/accelerate/deepspeed_zero2.yaml \
+#                    examples/launch/pretrain.sh examples/configs/llama2_7b_100k_pretrain.yaml
+#   CPU, tiny:       ACCELERATE_CONFIG=examples/accelerate/cpu.yaml \
+#                    examples/launch/pretrain.sh examples/configs/pretrain_tiny_cpu.yaml
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+if [ $# -lt 1 ]; then
+    echo "usage: [ACCELERATE_CONFIG=...] $0 CONFIG.yaml [--key value ...]" >&2
+    exit 2
+fi
+CONFIG=$1
+shift
+exec "${ACCELERATE:-accelerate}" launch --config_file "${ACCELERATE_CONFIG:-examples/accelerate/single_process.yaml}" \
+    -m hf_longlora.cli train --config "$CONFIG" "$@"
