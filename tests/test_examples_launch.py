@@ -119,3 +119,21 @@ def test_cpu_pipeline_launch_scripts(tmp_path):
 def test_launch_script_usage_error():
     result = subprocess.run([str(ROOT / "examples" / "launch" / "sft.sh")], capture_output=True, text=True)
     assert result.returncode == 2 and "usage:" in result.stderr
+
+
+def test_accelerate_configs_load():
+    """Every accelerate config loads with accelerate's own reader; DeepSpeed JSON files exist and set ZeRO stages.
+    (The two CPU ones also run for real in test_training.py; the GPU ones cannot run here.)"""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    stages = {}
+    for path in sorted((ROOT / "examples" / "accelerate").glob("*.yaml")):
+        config = load_config_from_file(str(path))
+        if config.distributed_type.value == "DEEPSPEED":
+            ds = json.loads((ROOT / config.deepspeed_config["deepspeed_config_file"]).read_text())
+            stages[path.name] = ds["zero_optimization"]["stage"]
+    assert stages == {
+        "deepspeed_zero2.yaml": 2,
+        "deepspeed_zero2_cpu_2proc.yaml": 2,
+        "deepspeed_zero3_offload.yaml": 3,
+    }
