@@ -131,26 +131,48 @@ def build_base(out: Path, train_text: str, args: argparse.Namespace) -> Path:
     return out
 
 
-def write_train_config(path: Path, base: Path, corpus: Path, adapter: Path, args: argparse.Namespace) -> Path:
-    """The ``hf-longlora train`` config: LongLoRA's recipe, scaled down to a tiny model on 2 CPU cores."""
+def split_data(args: argparse.Namespace, data_dir: Path) -> tuple[list[Path], list[str]]:
+    """Training files and held-out documents: pydoc's prose (last 5% held out) or the stdlib's longest files."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if args.data == "pydoc":
+        text = offline_text()
+        split = int(0.95 * len(text))
+        (data_dir / "train.txt").write_text(text[:split], encoding="utf-8")
+        return [data_dir / "train.txt"], [text[split:]]
+    from hf_longlora.data import stdlib_documents
+
+    documents = stdlib_documents()
+    for i, doc in enumerate(documents[: -args.heldout_files]):
+        (data_dir / f"train_{i:03d}.txt").write_text(doc, encoding="utf-8")
+    return sorted(data_dir.glob("train_*.txt")), documents[-args.heldout_files :]
+
+
+def write_train_config(
+    path: Path, base: str, corpus: list[Path], adapter: Path, target: int, args: argparse.Namespace
+) -> Path:
+    """The ``hf-longlora train`` config: LongLoRA's recipe, scaled down to a small model on 2 CPU cores."""
+    checkpointing = args.activation_checkpointing
+    if checkpointing is None:  # short blocks on a tiny model: recomputation costs more than it saves
+        checkpointing = target >= 4096
     config = {
-        "model_name_or_path": str(base),
-        "corpus": [str(corpus)],
-        "context_length": args.native * args.factor,
+        "model_name_or_path": base,
+        "corpus": [str(p) for p in corpus],
+        "context_length": target,
         "rope_method": "linear",
         "s2_group_size_ratio": 0.25,
         "output_dir": str(adapter),
         "max_steps": args.steps,
-        "learning_rate": 2e-3,  # a tiny model from scratch takes a larger step than 7B's 2e-5
+        # a few dozen steps, not 1000 x 64 sequences as in the paper: a larger step than 7B's 2e-5
+        "learning_rate": args.lr or (2e-4 if args.model else 2e-3),
         "warmup_steps": max(1, args.steps // 10),
         "gradient_accumulation_steps": 1,
-        "activation_checkpointing": False,  # 1k tokens on a tiny model: recomputation costs more than it saves
+        "activation_checkpointing": checkpointing,
         "logging_steps": max(1, args.steps // 6),
         "save_strategy": "no",
         "use_cpu": True,
         "seed": args.seed,
         "disable_tqdm": True,
-        "dtype": "float32",
+        "dtype": "float32",  # bf16 matmuls are slower than fp32 on CPUs without AVX-512 bf16
     }
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
@@ -161,6 +183,32 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", default="outputs/demo", help="output directory")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="skip step 1 and extend this pretrained model instead: a path, or 'smollm2' (offline SmolLM2-135M)",
+    )
+    parser.add_argument(
+        "--data",
+        choices=["pydoc", "stdlib"],
+        default="pydoc",
+        help="pydoc: pydoc_data/topics.py prose (5%% held out); stdlib: the standard library's longest files "
+        "(the last --heldout-files held out)",
+    )
+    parser.add_argument(
+        "--heldout-files", type=int, default=8, help="--data stdlib: files held out for evaluation"
+    )
+    parser.add_argument(
+        "--lr", type=float, default=None, help="LongLoRA learning rate (default 2e-3, 2e-4 with --model)"
+    )
+    parser.add_argument(
+        "--activation-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="default: on from 4096 tokens",
+    )
+    parser.add_argument("--passkey-depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    parser.add_argument("--skip-merged-eval", action="store_true", help="do not evaluate the merged model")
     parser.add_argument("--native", type=int, default=256, help="the base model's native context")
     parser.add_argument("--factor", type=int, default=4, help="context extension factor")
     parser.add_argument("--base-steps", type=int, default=300, help="pretraining steps at the native context")
@@ -174,25 +222,27 @@ def main() -> None:
     args = parser.parse_args()
     start = time.perf_counter()
     out = Path(args.out)
-    target = args.native * args.factor
-    lengths = [args.native * k for k in (1, 2, 4) if k <= args.factor] + (
-        [target] if args.factor not in (1, 2, 4) else []
-    )
+    corpus, heldout = split_data(args, out / "data")
+    if args.model is None:
+        train_text = "".join(p.read_text(encoding="utf-8") for p in corpus)
+        base = str(build_base(out / "base", train_text, args))
+        native = args.native
+    else:
+        from transformers import AutoConfig
 
-    text = offline_text()
-    split = int(0.95 * len(text))
-    data_dir = out / "data"
-    data_dir.mkdir(parents=True, exist_ok=True)
-    (data_dir / "train.txt").write_text(text[:split], encoding="utf-8")
-    (data_dir / "heldout.txt").write_text(text[split:], encoding="utf-8")
-    heldout = [text[split:]]
+        from hf_longlora.context import original_context_length
+        from hf_longlora.offline import resolve_model_path
 
-    base = build_base(out / "base", text[:split], args)
+        base = resolve_model_path(args.model)
+        native = original_context_length(AutoConfig.from_pretrained(base))
+        print(f"1) base model: {args.model} ({base}), native context {native} tokens")
+    target = native * args.factor
+    lengths = sorted({native, min(2 * native, target), target})
 
     adapter = out / "adapter"
     if adapter.exists():
         shutil.rmtree(adapter)
-    config = write_train_config(out / "train.yaml", base, data_dir / "train.txt", adapter, args)
+    config = write_train_config(out / "train.yaml", base, corpus, adapter, target, args)
     print(
         f"2) LongLoRA: hf-longlora train --config {config}  ({args.steps} steps at {target} tokens, S2-Attn)"
     )
@@ -200,10 +250,10 @@ def main() -> None:
         raise SystemExit("hf-longlora train failed")
 
     merged = out / "merged"
-    merge_and_save(str(base), str(adapter), str(merged), overwrite=True)
+    merge_and_save(base, str(adapter), str(merged), overwrite=True)
 
     print(
-        f"3) evaluation with full attention: perplexity at {lengths}, passkey at {target}, forgetting at {args.native}"
+        f"3) evaluation with full attention: perplexity at {lengths}, passkey at {target}, forgetting at {native}"
     )
     settings = EvalSettings(
         lengths=lengths,
@@ -211,17 +261,23 @@ def main() -> None:
         batch_size=4,
         passkey_lengths=[target],
         passkey_trials=args.passkey_trials,
-        forgetting_length=args.native,
+        passkey_depths=args.passkey_depths,
+        forgetting_length=native,
         seed=args.seed,
         progress=False,
-        extra={"data": "pydoc_data/topics.py, last 5% (held out)"},
+        extra={
+            "data": "pydoc_data/topics.py, last 5% (held out)"
+            if args.data == "pydoc"
+            else f"the standard library's {args.heldout_files} last long files (held out)"
+        },
     )
     specs = [
-        ModelSpec(str(base), label="base"),
-        ModelSpec(str(base), label="before", context_length=target),  # position interpolation alone
+        ModelSpec(base, label="base"),
+        ModelSpec(base, label="before", context_length=target),  # position interpolation alone
         ModelSpec(str(adapter), label="after"),
-        ModelSpec(str(merged), label="merged"),
     ]
+    if not args.skip_merged_eval:
+        specs.append(ModelSpec(str(merged), label="merged"))
     results = evaluate_models(specs, heldout, settings, out_dir=out / "eval")
     models = results["models"]
 
@@ -231,16 +287,20 @@ def main() -> None:
             for stage in ("before", "after")
         },
         "passkey": {stage: models[stage]["passkey_accuracy"][target] for stage in ("before", "after")},
-        "native_context": args.native,
+        "native_context": native,
         "target_context": target,
         "forgetting": {
-            "length": args.native,
+            "length": native,
             "base": round(models["base"]["forgetting"]["perplexity"], 3),
             "after": round(models["after"]["forgetting"]["perplexity"], 3),
             "change": round(models["after"]["forgetting"]["change_vs_base"], 4),
         },
         "base_perplexity": {str(n): round(v, 3) for n, v in models["base"]["perplexity"].items()},
-        "merged_perplexity": {str(n): round(v, 3) for n, v in models["merged"]["perplexity"].items()},
+        "merged_perplexity": (
+            {str(n): round(v, 3) for n, v in models["merged"]["perplexity"].items()}
+            if "merged" in models
+            else None
+        ),
         "protocol": results["protocol"],
         "seconds": round(time.perf_counter() - start, 1),
     }
@@ -256,8 +316,8 @@ def main() -> None:
     before, after = summary["perplexity"]["before"][str(target)], summary["perplexity"]["after"][str(target)]
     print()
     print(
-        f"perplexity at {target} tokens (4x native): {before:.2f} before (position interpolation alone) -> "
-        f"{after:.2f} after LongLoRA; at {args.native} (forgetting): {summary['forgetting']['base']:.2f} base -> "
+        f"perplexity at {target} tokens ({args.factor}x native): {before:.2f} before (position interpolation alone) -> "
+        f"{after:.2f} after LongLoRA; at {native} (forgetting): {summary['forgetting']['base']:.2f} base -> "
         f"{summary['forgetting']['after']:.2f} after ({summary['forgetting']['change']:+.1%})"
     )
     print(

@@ -92,9 +92,17 @@ def _reference_perplexity(model, stream, length, starts):
     return math.exp(sum(losses) / len(losses))
 
 
-@pytest.mark.parametrize("mode, batch_size", [("sliding", 1), ("sliding", 3), ("non_overlapping", 2)])
-def test_perplexity_matches_transformers_loss_per_window(mode, batch_size):
+@pytest.mark.parametrize(
+    "mode, batch_size, logits_path",
+    [("sliding", 1, False), ("sliding", 3, False), ("non_overlapping", 2, False), ("sliding", 3, True)],
+)
+def test_perplexity_matches_transformers_loss_per_window(mode, batch_size, logits_path):
+    from hf_longlora.loss import supports_chunked_loss
+
     model = _tiny_model()
+    if logits_path:  # a logit transform in the config: the plain logits path (Llama itself ignores the knob)
+        model.config.final_logit_softcapping = 30.0
+    assert supports_chunked_loss(model) is not logits_path
     stream = torch.randint(0, 128, (1500,), generator=torch.Generator().manual_seed(1)).tolist()
     result = perplexity(
         model, stream, [64, 256], stride=200, mode=mode, batch_size=batch_size, progress=False

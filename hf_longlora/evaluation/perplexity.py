@@ -73,17 +73,31 @@ def window_starts(
 def window_losses(
     model: torch.nn.Module, stream: Sequence[int], length: int, starts: Sequence[int], *, batch_size: int = 1
 ) -> list[float]:
-    """Mean next-token loss of each window ``stream[s : s + length]`` (full attention: the model in eval mode)."""
+    """Mean next-token loss of each window ``stream[s : s + length]`` (full attention: the model in eval mode).
+
+    The LM head and cross-entropy run a chunk of tokens at a time (:mod:`hf_longlora.loss`), so the full
+    ``(batch, length, vocab)`` logits never exist: an 8k window of a 49k-vocabulary model would need 3 GiB for them.
+    """
+    from ..loss import chunked_causal_lm_loss, supports_chunked_loss
+
     device = next(model.parameters()).device
     data = torch.tensor(stream, dtype=torch.long)
+    chunked = supports_chunked_loss(model)
     losses: list[float] = []
     for i in range(0, len(starts), batch_size):
         batch = torch.stack([data[s : s + length] for s in starts[i : i + batch_size]]).to(device)  # (B, L)
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()  # (B, L-1, V)
-        nll = torch.nn.functional.cross_entropy(
-            logits.transpose(1, 2), batch[:, 1:], reduction="none"
-        )  # (B, L-1)
-        losses.extend(nll.mean(dim=1).tolist())
+        if chunked:
+            out = model(input_ids=batch, use_cache=False, logits_to_keep=1, output_hidden_states=True)
+            hidden = out.hidden_states[-1]  # (B, L, C)
+            head = model.get_output_embeddings()
+            losses += [
+                chunked_causal_lm_loss(hidden[b : b + 1], head, batch[b : b + 1]).item()
+                for b in range(len(batch))
+            ]
+        else:
+            logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()  # (B, L-1, V)
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")
+            losses += nll.mean(dim=1).tolist()  # (B,)
     return losses
 
 

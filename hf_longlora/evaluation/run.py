@@ -100,6 +100,7 @@ def evaluate_models(
         raise ValueError(f"model labels must be unique, got {labels}: pass a label per model")
     if not documents:
         raise ValueError("documents: the evaluation text is empty")
+    same_text = not forgetting_documents
     forgetting_documents = forgetting_documents or documents
     # fail on a text too short for the longest window before any model loads
     tokenizer = tokenizer_for(specs[0].path, specs[0].base)
@@ -149,12 +150,12 @@ def evaluate_models(
         )
         if forgetting_length is None:
             forgetting_length = loaded.original_context
-        forgetting_stream = token_stream(tokenize_documents(tokenizer, forgetting_documents), eos)
-        entry["forgetting"] = {
-            "length": forgetting_length,
-            "perplexity": perplexity(
+        if same_text and forgetting_length in entry["perplexity"]:  # already measured on the same windows
+            forgetting_ppl = entry["perplexity"][forgetting_length]
+        else:
+            forgetting_ppl = perplexity(
                 loaded.model,
-                forgetting_stream,
+                token_stream(tokenize_documents(tokenizer, forgetting_documents), eos),
                 [forgetting_length],
                 stride=settings.stride,
                 mode=settings.mode,
@@ -162,8 +163,8 @@ def evaluate_models(
                 batch_size=settings.batch_size,
                 progress=settings.progress,
                 description=f"{label}: forgetting",
-            )[forgetting_length],
-        }
+            )[forgetting_length]
+        entry["forgetting"] = {"length": forgetting_length, "perplexity": forgetting_ppl}
         if settings.passkey_lengths:
             cells = passkey_accuracy(
                 loaded.model,
