@@ -147,12 +147,14 @@ class LongContextEvalCallback(TrainerCallback):
 
     Args:
         eval_token_ids: held-out long documents, tokenized (one list of ids per document).
-        lengths: context lengths to evaluate perplexity at (non-overlapping windows).
+        lengths: context lengths to evaluate perplexity at (non-overlapping windows; see
+            :func:`hf_longlora.evaluation.perplexity`).
         tokenizer: needed for passkey retrieval.
         passkey_lengths: prompt lengths for passkey retrieval (empty: skip).
-        passkey_trials: prompts per length (depths spread over [0, 1]).
+        passkey_trials: prompts per length, one per depth spread over [0, 1]
+            (:func:`hf_longlora.evaluation.passkey_accuracy`).
         eval_steps: run every this many optimizer steps (and at the end of training).
-        max_windows: windows per length (the first ones of the concatenated documents).
+        max_windows: windows per length (evenly spaced over the concatenated documents).
         seed: passkey seed.
     """
 
@@ -189,7 +191,8 @@ class LongContextEvalCallback(TrainerCallback):
 
     @torch.no_grad()
     def evaluate(self, model) -> dict[str, float]:
-        from .data.passkey import passkey_prompt
+        from .evaluation.passkey import mean_accuracy, passkey_accuracy
+        from .evaluation.perplexity import perplexity
 
         was_training = model.training
         model.eval()  # full attention
@@ -202,24 +205,27 @@ class LongContextEvalCallback(TrainerCallback):
         if len(dtypes) > 1 and torch.bfloat16 in dtypes:
             autocast.enter_context(torch.autocast(device.type, dtype=torch.bfloat16))
         try:
-            for length in self.lengths:
-                nll, count = 0.0, 0
-                for w in range(min(self.max_windows, len(self.stream) // length)):
-                    ids = torch.tensor([self.stream[w * length : (w + 1) * length]], device=device)
-                    out = model(input_ids=ids, labels=ids, use_cache=False)
-                    nll += out.loss.item() * (length - 1)
-                    count += length - 1
-                metrics[f"eval_ppl_{length}"] = round(math.exp(nll / count), 4)
-            for length in self.passkey_lengths:
-                hits = 0
-                for trial in range(self.passkey_trials):
-                    depth = trial / max(1, self.passkey_trials - 1)
-                    prompt, key = passkey_prompt(self.tokenizer, length, depth, seed=self.seed + trial)
-                    ids = self.tokenizer(prompt, return_tensors="pt").input_ids.to(device)
-                    out = model.generate(input_ids=ids, max_new_tokens=8, do_sample=False)
-                    answer = self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-                    hits += key in answer.split(".")[0].replace(" ", "")
-                metrics[f"eval_passkey_{length}"] = hits / self.passkey_trials
+            ppl = perplexity(
+                model,
+                self.stream,
+                self.lengths,
+                mode="non_overlapping",
+                max_windows=self.max_windows,
+                progress=False,
+            )
+            metrics.update({f"eval_ppl_{n}": round(value, 4) for n, value in ppl.items()})
+            if self.passkey_lengths:
+                depths = [t / max(1, self.passkey_trials - 1) for t in range(self.passkey_trials)]
+                cells = passkey_accuracy(
+                    model,
+                    self.tokenizer,
+                    self.passkey_lengths,
+                    depths=depths,
+                    trials=1,
+                    seed=self.seed,
+                    progress=False,
+                )
+                metrics.update({f"eval_passkey_{n}": mean_accuracy(row) for n, row in cells.items()})
         finally:
             autocast.close()
             model.train(was_training)
