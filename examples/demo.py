@@ -142,7 +142,8 @@ def split_data(args: argparse.Namespace, data_dir: Path) -> tuple[list[Path], li
     from hf_longlora.data import stdlib_documents
 
     documents = stdlib_documents()
-    for i, doc in enumerate(documents[: -args.heldout_files]):
+    train = documents[: -args.heldout_files][: args.max_train_files]
+    for i, doc in enumerate(train):
         (data_dir / f"train_{i:03d}.txt").write_text(doc, encoding="utf-8")
     return sorted(data_dir.glob("train_*.txt")), documents[-args.heldout_files :]
 
@@ -206,6 +207,12 @@ def main() -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="default: on from 4096 tokens",
+    )
+    parser.add_argument(
+        "--max-train-files",
+        type=int,
+        default=None,
+        help="--data stdlib: use at most this many training files",
     )
     parser.add_argument("--passkey-depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
     parser.add_argument("--skip-merged-eval", action="store_true", help="do not evaluate the merged model")

@@ -48,9 +48,64 @@ def test_demo_in_a_tiny_configuration(tmp_path):
 
 
 @pytest.mark.slow
+def test_demo_on_a_given_model_and_stdlib_data(tmp_path):
+    """The `--model` path (used with `--model smollm2`), on a tiny checkpoint instead of the 135M model."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from helpers import make_tiny_checkpoint
+
+    base = make_tiny_checkpoint(tmp_path / "base", max_position_embeddings=128)
+    args = [str(ROOT / "examples" / "demo.py"), "--model", str(base), "--data", "stdlib", "--factor", "2"]
+    args += ["--max-train-files", "2", "--heldout-files", "1", "--steps", "2", "--max-windows", "1"]
+    args += [
+        "--passkey-trials",
+        "1",
+        "--passkey-depths",
+        "0.5",
+        "--skip-merged-eval",
+        "--out",
+        str(tmp_path / "d"),
+    ]
+    out = run(args, cwd=tmp_path)
+    assert "native context 128 tokens" in out
+    summary = json.loads((tmp_path / "d" / "summary.json").read_text())
+    assert (summary["native_context"], summary["target_context"]) == (128, 256)
+    assert set(summary["perplexity"]["after"]) == {"128", "256"} and summary["merged_perplexity"] is None
+    assert len(list((tmp_path / "d" / "data").glob("train_*.txt"))) == 2
+
+
+@pytest.mark.slow
 def test_attention_benchmark_quick():
     out = run([str(ROOT / "benchmarks" / "attention.py"), "--quick"], cwd=ROOT)
     rows = [line for line in out.splitlines() if re.match(r"\s*(bf16|fp32)\s", line)]
     assert len(rows) == 4
     for row in rows:
         assert re.search(r"\d+\.\d+x\s+-?\d+\.\d+%$", row), row
+
+
+@pytest.mark.slow
+def test_attention_memory_benchmark_quick():
+    out = run([str(ROOT / "benchmarks" / "attention.py"), "--memory", "--quick"], cwd=ROOT)
+    rows = [line for line in out.splitlines() if re.match(r"\s*fp32\s+\d+\s", line)]
+    assert len(rows) == 1
+    assert re.search(r"\d+\.\d+x\s+\d+\.\d+\s+\d+\.\d+$", rows[0]), rows[0]
+
+
+@pytest.mark.slow
+def test_train_step_benchmark_quick():
+    """Every mode of benchmarks/train_step.py on a tiny model, in one process."""
+    out = run([str(ROOT / "benchmarks" / "train_step.py"), "--quick"], cwd=ROOT)
+    for title in (
+        "## speed",
+        "## LongLoRA with a fixed",
+        "## budget",
+        "## SmolLM2",
+        "## activation",
+        "## chunked",
+    ):
+        assert title in out, title
+    assert "## profile" in out and "aten::" in out
+    speed = [line for line in out.splitlines() if re.match(r"\s*(128|256) \|", line)]
+    assert len(speed) >= 2
+    for row in speed[:2]:  # the speed table: three ratios per length
+        assert len(re.findall(r"\d+\.\d+x", row)) == 3, row
+    assert re.search(r"peak memory full FT / LongLoRA: \d+\.\d+x", out)
