@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import shutil
 import time
@@ -27,11 +26,9 @@ from pathlib import Path
 import torch
 import yaml
 from datasets import Dataset
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
-    PreTrainedTokenizerFast,
     Trainer,
     TrainingArguments,
     default_data_collator,
@@ -39,30 +36,11 @@ from transformers import (
 
 from hf_longlora import build_model_card, merge_and_save
 from hf_longlora.cli import main as hf_longlora_cli
+from hf_longlora.data import pydoc_topics_text, train_bpe_tokenizer
+from hf_longlora.data.tokenizer import chunks
 from hf_longlora.evaluation import EvalSettings, ModelSpec, evaluate_models, format_table
 
 BASE_SETTINGS_FILE = "demo_base_settings.json"
-
-
-def offline_text() -> str:
-    path = Path(importlib.util.find_spec("pydoc_data").origin).parent / "topics.py"
-    return path.read_text(encoding="utf-8")
-
-
-def train_tokenizer(text: str, vocab_size: int) -> PreTrainedTokenizerFast:
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<s>", "</s>", "<pad>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator([text[i : i + 10_000] for i in range(0, len(text), 10_000)], trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
-    )
 
 
 def build_base(out: Path, train_text: str, args: argparse.Namespace) -> Path:
@@ -83,7 +61,7 @@ def build_base(out: Path, train_text: str, args: argparse.Namespace) -> Path:
     if out.exists():
         shutil.rmtree(out)
     torch.manual_seed(args.seed)
-    tokenizer = train_tokenizer(train_text, args.vocab)
+    tokenizer = train_bpe_tokenizer(chunks(train_text, 10_000), args.vocab)
     ids = tokenizer(train_text, add_special_tokens=False)["input_ids"]
     blocks = [ids[i : i + args.native] for i in range(0, len(ids) - args.native + 1, args.native)]
     config = LlamaConfig(
@@ -135,7 +113,7 @@ def split_data(args: argparse.Namespace, data_dir: Path) -> tuple[list[Path], li
     """Training files and held-out documents: pydoc's prose (last 5% held out) or the stdlib's longest files."""
     data_dir.mkdir(parents=True, exist_ok=True)
     if args.data == "pydoc":
-        text = offline_text()
+        text = pydoc_topics_text()
         split = int(0.95 * len(text))
         (data_dir / "train.txt").write_text(text[:split], encoding="utf-8")
         return [data_dir / "train.txt"], [text[split:]]

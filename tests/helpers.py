@@ -81,31 +81,10 @@ def padding_mask_4d(lengths: list[int], total: int, side: str) -> tuple[torch.Te
 
 def train_tiny_tokenizer(vocab_size: int = 400):
     """A real byte-level BPE trained on offline text (pydoc's topics), as a transformers fast tokenizer."""
-    import importlib.util
-    from pathlib import Path
+    from hf_longlora.data import pydoc_topics_text, train_bpe_tokenizer
+    from hf_longlora.data.tokenizer import chunks
 
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    text = (Path(importlib.util.find_spec("pydoc_data").origin).parent / "topics.py").read_text(
-        encoding="utf-8"
-    )
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<s>", "</s>", "<pad>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator([text[i : i + 5000] for i in range(0, 200_000, 5000)], trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    fast.chat_template = (
-        "{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '\\n' }}{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
-    )
-    return fast
+    return train_bpe_tokenizer(chunks(pydoc_topics_text(), 5000, limit=200_000), vocab_size)
 
 
 def make_tiny_checkpoint(

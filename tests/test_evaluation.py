@@ -182,10 +182,9 @@ def base_and_adapter(tmp_path_factory):
 
 
 def _documents():
-    import importlib.util
-    from pathlib import Path
+    from hf_longlora.data import pydoc_topics_text
 
-    text = (Path(importlib.util.find_spec("pydoc_data").origin).parent / "topics.py").read_text()
+    text = pydoc_topics_text()
     return [text[:6000], text[6000:12000]]
 
 

@@ -35,11 +35,9 @@ def corpus(tmp_path_factory):
 
 def longalpaca_records(n: int = 12, long_every: int = 0) -> list[dict]:
     """LongAlpaca-format records built from offline text: a passage, a question about it, the answer."""
-    import importlib.util
+    from hf_longlora.data import pydoc_topics_text
 
-    text = (Path(importlib.util.find_spec("pydoc_data").origin).parent / "topics.py").read_text(
-        encoding="utf-8"
-    )
+    text = pydoc_topics_text()
     records = []
     for i in range(n):
         passage = text[2000 + 900 * i : 2000 + 900 * i + 250]

@@ -9,39 +9,12 @@ on CPU use ``model_name_or_path: smollm2``, or ``make demo`` for a tiny base tha
 from __future__ import annotations
 
 import argparse
-import importlib.util
-from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '\\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
-)
-
-
-def train_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
-    """Byte-level BPE on prose that ships with every Python (``pydoc_data/topics.py``)."""
-    text = (Path(importlib.util.find_spec("pydoc_data").origin).parent / "topics.py").read_text(
-        encoding="utf-8"
-    )
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<s>", "</s>", "<pad>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator([text[i : i + 10_000] for i in range(0, 300_000, 10_000)], trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
+from hf_longlora.data import pydoc_topics_text, train_bpe_tokenizer
+from hf_longlora.data.tokenizer import chunks
 
 
 def main() -> None:
@@ -53,7 +26,8 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    tokenizer = train_tokenizer(args.vocab_size)
+    # byte-level BPE on prose that ships with every Python (pydoc_data/topics.py)
+    tokenizer = train_bpe_tokenizer(chunks(pydoc_topics_text(), 10_000, limit=300_000), args.vocab_size)
     torch.manual_seed(args.seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),

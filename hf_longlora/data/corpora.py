@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sysconfig
 from collections.abc import Iterable
 from pathlib import Path
+
+
+def pydoc_topics_text() -> str:
+    """About 750k characters of English prose about Python that ships with every CPython: ``pydoc_data/topics.py``."""
+    spec = importlib.util.find_spec("pydoc_data")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("this Python has no pydoc_data package")
+    return (Path(spec.origin).parent / "topics.py").read_text(encoding="utf-8")
 
 
 def stdlib_documents(min_chars: int = 32_000, limit: int | None = None) -> list[str]:
