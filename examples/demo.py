@@ -187,6 +187,9 @@ def main() -> None:
         help="default: on from 4096 tokens",
     )
     parser.add_argument(
+        "--target", type=int, default=None, help="target context (default: --factor x the native context)"
+    )
+    parser.add_argument(
         "--max-train-files",
         type=int,
         default=None,
@@ -221,7 +224,7 @@ def main() -> None:
         base = resolve_model_path(args.model)
         native = original_context_length(AutoConfig.from_pretrained(base))
         print(f"1) base model: {args.model} ({base}), native context {native} tokens")
-    target = native * args.factor
+    target = args.target or native * args.factor
     lengths = sorted({native, min(2 * native, target), target})
 
     adapter = out / "adapter"
@@ -301,7 +304,7 @@ def main() -> None:
     before, after = summary["perplexity"]["before"][str(target)], summary["perplexity"]["after"][str(target)]
     print()
     print(
-        f"perplexity at {target} tokens ({args.factor}x native): {before:.2f} before (position interpolation alone) -> "
+        f"perplexity at {target} tokens ({target / native:g}x native): {before:.2f} before (position interpolation alone) -> "
         f"{after:.2f} after LongLoRA; at {native} (forgetting): {summary['forgetting']['base']:.2f} base -> "
         f"{summary['forgetting']['after']:.2f} after ({summary['forgetting']['change']:+.1%})"
     )
