@@ -227,6 +227,7 @@ def main() -> None:
     target = args.target or native * args.factor
     lengths = sorted({native, min(2 * native, target), target})
 
+    seconds = {"base": round(time.perf_counter() - start, 1)}
     adapter = out / "adapter"
     if adapter.exists():
         shutil.rmtree(adapter)
@@ -237,6 +238,7 @@ def main() -> None:
     if hf_longlora_cli(["train", "--config", str(config)]) != 0:
         raise SystemExit("hf-longlora train failed")
 
+    seconds["longlora"] = round(time.perf_counter() - start - sum(seconds.values()), 1)
     merged = out / "merged"
     merge_and_save(base, str(adapter), str(merged), overwrite=True)
 
@@ -266,7 +268,9 @@ def main() -> None:
     ]
     if not args.skip_merged_eval:
         specs.append(ModelSpec(str(merged), label="merged"))
+    seconds["merge"] = round(time.perf_counter() - start - sum(seconds.values()), 1)
     results = evaluate_models(specs, heldout, settings, out_dir=out / "eval")
+    seconds["eval"] = round(time.perf_counter() - start - sum(seconds.values()), 1)
     models = results["models"]
 
     summary = {
@@ -290,7 +294,7 @@ def main() -> None:
             else None
         ),
         "protocol": results["protocol"],
-        "seconds": round(time.perf_counter() - start, 1),
+        "seconds": {**seconds, "total": round(time.perf_counter() - start, 1)},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     # the adapter's model card shows the before/after table
@@ -311,7 +315,8 @@ def main() -> None:
     print(
         f"adapter + card: {adapter}   merged: {merged}   plots: {out / 'eval'}   summary: {out / 'summary.json'}"
     )
-    print(f"done in {summary['seconds']:.0f} s")
+    phases = ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())
+    print(f"done in {summary['seconds']['total']:.0f} s ({phases})")
 
 
 if __name__ == "__main__":
