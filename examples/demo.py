@@ -196,6 +196,9 @@ def main() -> None:
         help="--data stdlib: use at most this many training files",
     )
     parser.add_argument("--passkey-depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    parser.add_argument(
+        "--no-passkey", action="store_true", help="skip passkey retrieval (slow at long context)"
+    )
     parser.add_argument("--skip-merged-eval", action="store_true", help="do not evaluate the merged model")
     parser.add_argument("--native", type=int, default=256, help="the base model's native context")
     parser.add_argument("--factor", type=int, default=4, help="context extension factor")
@@ -249,7 +252,7 @@ def main() -> None:
         lengths=lengths,
         max_windows=args.max_windows,
         batch_size=4,
-        passkey_lengths=[target],
+        passkey_lengths=[] if args.no_passkey else [target],
         passkey_trials=args.passkey_trials,
         passkey_depths=args.passkey_depths,
         forgetting_length=native,
@@ -278,7 +281,9 @@ def main() -> None:
             stage: {str(n): round(v, 3) for n, v in models[stage]["perplexity"].items()}
             for stage in ("before", "after")
         },
-        "passkey": {stage: models[stage]["passkey_accuracy"][target] for stage in ("before", "after")},
+        "passkey": None
+        if args.no_passkey
+        else {stage: models[stage]["passkey_accuracy"][target] for stage in ("before", "after")},
         "native_context": native,
         "target_context": target,
         "forgetting": {
