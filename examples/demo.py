@@ -143,7 +143,7 @@ def write_train_config(
         "max_steps": args.steps,
         # a few dozen steps, not 1000 x 64 sequences as in the paper: a larger step than 7B's 2e-5
         "learning_rate": args.lr or (2e-4 if args.model else 2e-3),
-        "warmup_steps": max(1, args.steps // 10),
+        "warmup_steps": args.steps // 10,  # no warmup for a handful of steps: the first step would have lr 0
         "gradient_accumulation_steps": 1,
         "activation_checkpointing": checkpointing,
         "logging_steps": max(1, args.steps // 6),
