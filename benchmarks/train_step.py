@@ -100,7 +100,7 @@ def build_model(cfg: dict):
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg["dtype"]]
     method = cfg["method"]
-    attn = hf_longlora.S2_ATTENTION if method == "longlora" else "sdpa"
+    attn = cfg.get("attn") or (hf_longlora.S2_ATTENTION if method == "longlora" else "sdpa")
     torch.manual_seed(0)
     if cfg["model"] == "smollm2":
         from hf_longlora.offline import smollm2_checkpoint
@@ -116,7 +116,7 @@ def build_model(cfg: dict):
             extend_context(config, cfg["length"])  # position interpolation, as LongLoRA trains
         config._attn_implementation = attn
         model = LlamaForCausalLM(config).to(dtype)
-    if method == "longlora":
+    if attn == hf_longlora.S2_ATTENTION:
         configure_s2(model, group_size_ratio=cfg["ratio"], group_size=cfg.get("group"))
     model.config.use_cache = False
     if method in ("longlora", "longlora_full"):
@@ -178,6 +178,7 @@ def worker(cfg: dict) -> dict:
     def step(length: int) -> float:
         ids = torch.randint(0, vocab, (1, length), generator=gen).to(device)
         batch = {"input_ids": ids, "labels": ids}
+        cpu_start = time.process_time()
         start = time.perf_counter()
         if cfg["loss"] == "chunked":
             loss = causal_lm_loss(model, batch, chunk_size=cfg["chunk"])
@@ -189,9 +190,12 @@ def worker(cfg: dict) -> dict:
         if cuda:
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
+        cpu_times.append(time.process_time() - cpu_start)  # all threads of this process: robust to other load
         if not math.isfinite(loss.item()):
             raise RuntimeError(f"non-finite loss {loss.item()}")
         return elapsed
+
+    cpu_times: list[float] = []
 
     step(min(cfg.get("warmup", 512), cfg["length"]))  # warm-up: kernel selection, optimizer state
     rss_warm = current_rss()
@@ -209,6 +213,7 @@ def worker(cfg: dict) -> dict:
     result = dict(cfg)
     result.update(
         times=times,
+        cpu_times=cpu_times[-len(times) :],
         peak=torch.cuda.max_memory_allocated() if cuda else peak_rss(),
         rss_start=rss_start,
         rss_model=rss_model,
@@ -226,6 +231,7 @@ KEYS = ("model", "method", "length", "dtype", "ckpt", "loss", "group")
 _CELL_LINE = re.compile(
     r"#\s+(?P<model>\w+) (?P<method>\w+)\s+L=\s*(?P<length>\d+) (?P<dtype>\w+) ckpt=(?P<ckpt>\d) "
     r"loss=(?P<loss>\w+) group=(?P<group>\w+): step (?P<time>[\d.]+) s, peak (?P<peak>[\d.]+) GiB"
+    r"(?: \(wall \d+ s, cpu (?P<cpu>[\d.]+) s\))?"
 )
 
 
@@ -249,6 +255,7 @@ def load_results(paths) -> list[dict]:
                             loss=d["loss"],
                             group=None if d["group"] == "None" else int(d["group"]),
                             times=[float(d["time"])],
+                            cpu_times=[float(d["cpu"])] if d["cpu"] else [],
                             peak=float(d["peak"]) * GIB,
                             source=path,
                         )
@@ -275,10 +282,12 @@ class Runner:
             threads=a.threads,
         )
         base.update(cfg)
-        if a.reuse:  # a cell measured before (--load) is not run again
+        if a.reuse or a.tables_only:  # a cell measured before (--load) is not run again
             done = [r for r in self.results if all(r.get(k) == base[k] for k in KEYS)]
             if done:
                 return done[0]
+        if a.tables_only:
+            return None
         if a.quick:  # the smoke run: in this process (peak RSS is then the process's, not the cell's)
             result = worker(base)
             result["wall"] = 0.0
@@ -306,7 +315,8 @@ class Runner:
             print(
                 f"#   {result['model']} {result['method']:<13} L={result['length']:>6} {result['dtype']} "
                 f"ckpt={int(result['ckpt'])} loss={result['loss']} group={result['group']}: "
-                f"step {min(result['times']):.2f} s, peak {result['peak'] / GIB:.3f} GiB (wall {wall:.0f} s)",
+                f"step {min(result['times']):.2f} s, peak {result['peak'] / GIB:.3f} GiB (wall {wall:.0f} s, "
+                f"cpu {min(result['cpu_times']):.1f} s)",
                 flush=True,
             )
         return result
@@ -316,12 +326,18 @@ def best(results, **match):
     rows = [r for r in results if all(r.get(k) == v for k, v in match.items())]
     if not rows:
         return None
+    cpu = [min(r["cpu_times"]) for r in rows if r.get("cpu_times")]
     return {
         "time": min(min(r["times"]) for r in rows),
+        "cpu": min(cpu) if cpu else None,
         "peak": max(r["peak"] for r in rows),
         "n": len(rows),
         "row": rows[0],
     }
+
+
+def bench_model(args) -> str:
+    return "tiny" if args.quick else "bench"
 
 
 def fmt_gib(x):
@@ -333,33 +349,50 @@ def mode_speed(runner: Runner, args):
     group = args.fixed_group
     for _ in range(args.repeats):
         for length in args.lengths:
-            for method in methods:
-                runner.run(method=method, length=length)
+            for method in args.methods:
+                if method != "none":
+                    runner.run(method=method, length=length)
             if group and length >= 2 * group and length != int(group / args.ratio):
                 runner.run(method="longlora", length=length, group=group)
     print(
         f"\n## speed: tokens/s and peak memory per training step ({args.dtype}, activation checkpointing, chunked "
-        f"loss, ratio {args.ratio}, best of {args.repeats} interleaved runs)"
+        f"loss, ratio {args.ratio}; the best step of each cell's runs, interleaved)"
     )
     header = (
         f"{'L':>6} | {'LongLoRA tok/s':>14} {'LoRA-full tok/s':>15} {'full-FT tok/s':>13} | {'LongLoRA GiB':>12} "
-        f"{'LoRA-full GiB':>13} {'full-FT GiB':>11} | {'speed LL/LoRA':>13} {'speed LL/FT':>11} {'mem FT/LL':>9}"
+        f"{'LoRA-full GiB':>13} {'full-FT GiB':>11} | {'speed LL/LoRA':>13} {'speed LL/FT':>11} {'mem FT/LL':>9} | "
+        f"{'cpu LL/LoRA':>11} {'cpu LL/FT':>9}"
     )
     print(header)
     print("-" * len(header))
+
+    def ratio(a, b, key):
+        return f"{a[key] / b[key]:.2f}x" if a and b and a.get(key) and b.get(key) else "-"
+
     for length in sorted(args.lengths):
         cells = {
-            m: best(runner.results, method=m, length=length, group=None, ckpt=True, loss="chunked")
+            m: best(
+                runner.results,
+                model=bench_model(args),
+                method=m,
+                length=length,
+                group=None,
+                ckpt=True,
+                loss="chunked",
+            )
             for m in methods
         }
-        if any(c is None for c in cells.values()):
-            continue
         ll, lo, ft = cells["longlora"], cells["lora"], cells["full"]
+        tps = [f"{length / c['time']:.0f}" if c else "-" for c in (ll, lo, ft)]
+        gib = [fmt_gib(c["peak"]) if c else "-" for c in (ll, lo, ft)]
         print(
-            f"{length:>6} | {length / ll['time']:>14.0f} {length / lo['time']:>15.0f} {length / ft['time']:>13.0f} | "
-            f"{fmt_gib(ll['peak']):>12} {fmt_gib(lo['peak']):>13} {fmt_gib(ft['peak']):>11} | "
-            f"{lo['time'] / ll['time']:>12.2f}x {ft['time'] / ll['time']:>10.2f}x {ft['peak'] / ll['peak']:>8.2f}x"
+            f"{length:>6} | {tps[0]:>14} {tps[1]:>15} {tps[2]:>13} | {gib[0]:>12} {gib[1]:>13} {gib[2]:>11} | "
+            f"{ratio(lo, ll, 'time'):>13} {ratio(ft, ll, 'time'):>11} {ratio(ft, ll, 'peak'):>9} | "
+            f"{ratio(lo, ll, 'cpu'):>11} {ratio(ft, ll, 'cpu'):>9}"
         )
+    print(
+        "speed = wall-time ratio (best step); cpu = ratio of the step's process CPU time (robust to other load)"
+    )
     if group:
         print(
             f"\n## LongLoRA with a fixed s2_group_size={group}: cost per token vs L (target: <= 1.3x from 8k to 32k)"
@@ -370,13 +403,19 @@ def mode_speed(runner: Runner, args):
                 continue
             match = dict(method="longlora", length=length, ckpt=True, loss="chunked")
             # at L = group / ratio the default run already has this group size
-            cell = best(runner.results, group=None, **match) if length == int(group / args.ratio) else None
-            cell = cell or best(runner.results, group=group, **match)
+            cell = (
+                best(runner.results, model=bench_model(args), group=None, **match)
+                if length == int(group / args.ratio)
+                else None
+            )
+            cell = cell or best(runner.results, model=bench_model(args), group=group, **match)
             if cell is None:
                 continue
             per_token = cell["time"] / length * 1e3
-            ref = ref or (length, per_token)
-            print(f"{length:>6}: {per_token:.4f} ms/token, {per_token / ref[1]:.2f}x of L={ref[0]}")
+            cpu = cell["cpu"] / length * 1e3 if cell["cpu"] else None
+            ref = ref or (length, per_token, cpu)
+            cpu_text = f"; cpu {cpu:.4f} ms/token, {cpu / ref[2]:.2f}x" if cpu and ref[2] else ""
+            print(f"{length:>6}: {per_token:.4f} ms/token, {per_token / ref[1]:.2f}x of L={ref[0]}{cpu_text}")
 
 
 def linear_fit(xs, ys):
@@ -402,11 +441,15 @@ def mode_budget(runner: Runner, args):
         f" ('measured' = a step ran at the check length; LongLoRA's check runs use s2_group_size={args.fixed_group})"
     )
     fits = {}
+
+    def fit_match(method, length):
+        match = dict(model=bench_model(args), method=method, length=length, ckpt=True, loss="chunked")
+        if method != "longlora":  # LongLoRA's memory does not depend on the group size: any group counts
+            match["group"] = None
+        return match
+
     for method in methods:
-        points = [
-            (length, best(runner.results, method=method, length=length, group=groups[method], ckpt=True))
-            for length in args.fit_lengths
-        ]
+        points = [(length, best(runner.results, **fit_match(method, length))) for length in args.fit_lengths]
         points = [(length, c) for length, c in points if c]
         if len(points) < 2:
             continue
@@ -513,8 +556,24 @@ def mode_ckpt(runner: Runner, args):
         f"{'L':>6} | {'on s':>7} {'off s':>7} {'time on/off':>11} | {'on GiB':>7} {'off GiB':>7} {'mem off/on':>10}"
     )
     for length in args.ckpt_lengths:
-        on = best(runner.results, method="longlora", length=length, ckpt=True, loss="chunked", group=None)
-        off = best(runner.results, method="longlora", length=length, ckpt=False, loss="chunked", group=None)
+        on = best(
+            runner.results,
+            model=bench_model(args),
+            method="longlora",
+            length=length,
+            ckpt=True,
+            loss="chunked",
+            group=None,
+        )
+        off = best(
+            runner.results,
+            model=bench_model(args),
+            method="longlora",
+            length=length,
+            ckpt=False,
+            loss="chunked",
+            group=None,
+        )
         if on and off:
             print(
                 f"{length:>6} | {on['time']:>7.2f} {off['time']:>7.2f} {on['time'] / off['time']:>10.2f}x | "
@@ -532,8 +591,24 @@ def mode_loss(runner: Runner, args):
         f"{'L':>6} | {'chunked s':>9} {'plain s':>8} | {'chunked GiB':>11} {'plain GiB':>9} {'saved GiB':>9}"
     )
     for length in args.loss_lengths:
-        ch = best(runner.results, method="longlora", length=length, ckpt=True, loss="chunked", group=None)
-        pl = best(runner.results, method="longlora", length=length, ckpt=True, loss="plain", group=None)
+        ch = best(
+            runner.results,
+            model=bench_model(args),
+            method="longlora",
+            length=length,
+            ckpt=True,
+            loss="chunked",
+            group=None,
+        )
+        pl = best(
+            runner.results,
+            model=bench_model(args),
+            method="longlora",
+            length=length,
+            ckpt=True,
+            loss="plain",
+            group=None,
+        )
         if ch and pl:
             print(
                 f"{length:>6} | {ch['time']:>9.2f} {pl['time']:>8.2f} | {fmt_gib(ch['peak']):>11} {fmt_gib(pl['peak']):>9} "
@@ -567,6 +642,12 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["speed"], choices=list(MODES))
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=["longlora", "lora", "full"],
+        help="speed mode: the methods to run ('none': only LongLoRA with --fixed-group)",
+    )
     parser.add_argument("--ratio", type=float, default=0.25, help="S2 group size ratio")
     parser.add_argument(
         "--fixed-group", type=int, default=2048, help="also run LongLoRA with this fixed group (0: no)"
@@ -598,6 +679,9 @@ def main() -> None:
     parser.add_argument("--save", help="append every measured cell (JSON) to this file")
     parser.add_argument("--load", nargs="+", help="cells measured before: --save files or -v logs")
     parser.add_argument("--reuse", action="store_true", help="do not re-run cells found in --load")
+    parser.add_argument(
+        "--tables-only", action="store_true", help="run nothing: print the tables from the --load cells"
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="print every cell as it finishes")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
