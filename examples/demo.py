@@ -246,7 +246,8 @@ def main() -> None:
     merge_and_save(base, str(adapter), str(merged), overwrite=True)
 
     print(
-        f"3) evaluation with full attention: perplexity at {lengths}, passkey at {target}, forgetting at {native}"
+        f"3) evaluation with full attention: perplexity at {lengths}, "
+        f"{'no passkey' if args.no_passkey else f'passkey at {target}'}, forgetting at {native}"
     )
     settings = EvalSettings(
         lengths=lengths,
