@@ -546,6 +546,19 @@ def mode_smollm2(runner: Runner, args):
         print(f"peak memory full FT / LongLoRA: {ratio:.2f}x (without the process baseline: {net:.2f}x)")
 
 
+def longlora_cell(runner: Runner, args, length: int, *, ckpt: bool = True, loss: str = "chunked"):
+    """The best measured LongLoRA step of the benchmark model at ``length`` (ratio group, no fixed group)."""
+    return best(
+        runner.results,
+        model=bench_model(args),
+        method="longlora",
+        length=length,
+        ckpt=ckpt,
+        loss=loss,
+        group=None,
+    )
+
+
 def mode_ckpt(runner: Runner, args):
     for _ in range(args.repeats):
         for length in args.ckpt_lengths:
@@ -556,24 +569,8 @@ def mode_ckpt(runner: Runner, args):
         f"{'L':>6} | {'on s':>7} {'off s':>7} {'time on/off':>11} | {'on GiB':>7} {'off GiB':>7} {'mem off/on':>10}"
     )
     for length in args.ckpt_lengths:
-        on = best(
-            runner.results,
-            model=bench_model(args),
-            method="longlora",
-            length=length,
-            ckpt=True,
-            loss="chunked",
-            group=None,
-        )
-        off = best(
-            runner.results,
-            model=bench_model(args),
-            method="longlora",
-            length=length,
-            ckpt=False,
-            loss="chunked",
-            group=None,
-        )
+        on = longlora_cell(runner, args, length, ckpt=True)
+        off = longlora_cell(runner, args, length, ckpt=False)
         if on and off:
             print(
                 f"{length:>6} | {on['time']:>7.2f} {off['time']:>7.2f} {on['time'] / off['time']:>10.2f}x | "
@@ -591,24 +588,8 @@ def mode_loss(runner: Runner, args):
         f"{'L':>6} | {'chunked s':>9} {'plain s':>8} | {'chunked GiB':>11} {'plain GiB':>9} {'saved GiB':>9}"
     )
     for length in args.loss_lengths:
-        ch = best(
-            runner.results,
-            model=bench_model(args),
-            method="longlora",
-            length=length,
-            ckpt=True,
-            loss="chunked",
-            group=None,
-        )
-        pl = best(
-            runner.results,
-            model=bench_model(args),
-            method="longlora",
-            length=length,
-            ckpt=True,
-            loss="plain",
-            group=None,
-        )
+        ch = longlora_cell(runner, args, length, loss="chunked")
+        pl = longlora_cell(runner, args, length, loss="plain")
         if ch and pl:
             print(
                 f"{length:>6} | {ch['time']:>9.2f} {pl['time']:>8.2f} | {fmt_gib(ch['peak']):>11} {fmt_gib(pl['peak']):>9} "

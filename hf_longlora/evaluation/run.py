@@ -71,6 +71,21 @@ class EvalSettings:
             raise ValueError(f"passkey_lengths must be >= 16 tokens, got {list(self.passkey_lengths)}")
 
 
+def _perplexity(model, stream, lengths, settings: EvalSettings, description: str) -> dict[int, float]:
+    """:func:`perplexity` with the window protocol of ``settings``."""
+    return perplexity(
+        model,
+        stream,
+        lengths,
+        stride=settings.stride,
+        mode=settings.mode,
+        max_windows=settings.max_windows,
+        batch_size=settings.batch_size,
+        progress=settings.progress,
+        description=description,
+    )
+
+
 def evaluate_models(
     specs: Sequence[ModelSpec],
     documents: Sequence[str],
@@ -137,32 +152,17 @@ def evaluate_models(
             "context": loaded.context,
             "eval_tokens": len(stream),
         }
-        entry["perplexity"] = perplexity(
-            loaded.model,
-            stream,
-            settings.lengths,
-            stride=settings.stride,
-            mode=settings.mode,
-            max_windows=settings.max_windows,
-            batch_size=settings.batch_size,
-            progress=settings.progress,
-            description=f"{label}: perplexity",
+        entry["perplexity"] = _perplexity(
+            loaded.model, stream, settings.lengths, settings, f"{label}: perplexity"
         )
         if forgetting_length is None:
             forgetting_length = loaded.original_context
         if same_text and forgetting_length in entry["perplexity"]:  # already measured on the same windows
             forgetting_ppl = entry["perplexity"][forgetting_length]
         else:
-            forgetting_ppl = perplexity(
-                loaded.model,
-                token_stream(tokenize_documents(tokenizer, forgetting_documents), eos),
-                [forgetting_length],
-                stride=settings.stride,
-                mode=settings.mode,
-                max_windows=settings.max_windows,
-                batch_size=settings.batch_size,
-                progress=settings.progress,
-                description=f"{label}: forgetting",
+            forgetting_stream = token_stream(tokenize_documents(tokenizer, forgetting_documents), eos)
+            forgetting_ppl = _perplexity(
+                loaded.model, forgetting_stream, [forgetting_length], settings, f"{label}: forgetting"
             )[forgetting_length]
         entry["forgetting"] = {"length": forgetting_length, "perplexity": forgetting_ppl}
         if settings.passkey_lengths:
