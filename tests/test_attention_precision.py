@@ -80,11 +80,13 @@ def test_forward_and_gradients_within_pytorch_error(dtype, case):
 
 
 @pytest.mark.parametrize("shift", ["partition", "roll"])
-def test_gradients_match_reference_fp64(shift):
-    module = attention_module(6, 2, 8, s2_group_size=8, s2_shift=shift)
-    q, k, v = random_qkv(2, 6, 2, 48, 8, requires_grad=True, seed=3)
+# (9, 3) and (10, 5): the two head halves share one KV head, whose gradient sums both halves' contributions
+@pytest.mark.parametrize("heads,kv_heads", [(6, 2), (9, 3), (10, 5), (5, 1), (3, 3)])
+def test_gradients_match_reference_fp64(shift, heads, kv_heads):
+    module = attention_module(heads, kv_heads, 8, s2_group_size=8, s2_shift=shift)
+    q, k, v = random_qkv(2, heads, kv_heads, 48, 8, requires_grad=True, seed=3)
     mask, docs = (None, [[list(range(48))]] * 2) if shift == "roll" else padding_mask_4d([48, 31], 48, "left")
-    grad_out = torch.randn(2, 48, 6, 8, dtype=torch.float64)
+    grad_out = torch.randn(2, 48, heads, 8, dtype=torch.float64)
     ours = s2_attention_forward(module, q, k, v, mask)[0]
     want = reference_attention(q, k, v, docs, group_size=8, shift=shift)
     g_ours = torch.autograd.grad(ours, (q, k, v), grad_out)

@@ -252,42 +252,41 @@ def _attend_packed(
     scale: float | None,
     dropout: float,
 ) -> torch.Tensor:
-    """S2-Attn over packed tokens: ``query (T, H, D)``, ``key/value (T, Hkv, D)`` -> ``(T, H, Dv)``."""
+    """S2-Attn over packed tokens: ``query (T, H, D)``, ``key/value (T, Hkv, D)`` -> ``(T, H, Dv)``.
+
+    The heads are cut into pieces (``gqa_pieces`` of each half), each attending with its own segments. Q, K
+    and V are cut with one ``split`` each rather than a slice per piece: the backward of a split is a single
+    ``cat`` of the pieces' gradients, while slicing would allocate a zero-filled full-size gradient per slice.
+    """
     num_heads, num_kv_heads = query.shape[1], key.shape[1]
     rep = num_heads // num_kv_heads
     varlen = flash_varlen_attention if use_flash_attn(query) else sdpa_varlen_attention
     unshifted, shifted = split_heads(num_heads)
+    pieces = [
+        (q_heads, kv_heads, cu_seqlens, permutation)
+        for heads, cu_seqlens, permutation in (
+            (unshifted, plan.unshifted_cu_seqlens, None),
+            (shifted, plan.shifted_cu_seqlens, order),
+        )
+        for q_heads, kv_heads in gqa_pieces(heads, rep)
+    ]
+    queries = query.split([len(q_heads) for q_heads, *_ in pieces], dim=1)  # query pieces are disjoint
+    # the two halves can share one KV head (odd GQA, e.g. 9 query / 3 KV heads): split at every piece border
+    bounds = sorted({b for _, kv_heads, *_ in pieces for b in (kv_heads.start, kv_heads.stop)})
+    sizes = [hi - lo for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+    key_parts = dict(zip(bounds, key.split(sizes, dim=1), strict=False))  # first KV head -> (T, n, D)
+    value_parts = dict(zip(bounds, value.split(sizes, dim=1), strict=False))
+
+    def kv_piece(parts: dict, heads: range) -> torch.Tensor:
+        chunks = [parts[b] for b in bounds[:-1] if heads.start <= b < heads.stop]
+        return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=1)
+
     outputs = []
-    for heads, cu_seqlens, permutation in (
-        (unshifted, plan.unshifted_cu_seqlens, None),
-        (shifted, plan.shifted_cu_seqlens, order),
-    ):
-        if len(heads) == 0:
-            continue
-        pieces = gqa_pieces(heads, rep)
-        kv_lo, kv_hi = pieces[0][1].start, pieces[-1][1].stop
-        q = query[:, heads.start : heads.stop]  # (T, h, D)
-        k = key[:, kv_lo:kv_hi]  # (T, hkv, D)
-        v = value[:, kv_lo:kv_hi]
+    for q, (_, kv_heads, cu_seqlens, permutation) in zip(queries, pieces, strict=True):
+        k, v = kv_piece(key_parts, kv_heads), kv_piece(value_parts, kv_heads)  # (T, hkv, D)
         if permutation is not None:  # "roll": the paper's order, wrap-around included
-            q, k, v = (
-                q.index_select(0, permutation),
-                k.index_select(0, permutation),
-                v.index_select(0, permutation),
-            )
-        half_out = []
-        for q_heads, kv_heads in pieces:
-            half_out.append(
-                varlen(
-                    q[:, q_heads.start - heads.start : q_heads.stop - heads.start],
-                    k[:, kv_heads.start - kv_lo : kv_heads.stop - kv_lo],
-                    v[:, kv_heads.start - kv_lo : kv_heads.stop - kv_lo],
-                    cu_seqlens,
-                    scale=scale,
-                    dropout_p=dropout,
-                )
-            )
-        out = half_out[0] if len(half_out) == 1 else torch.cat(half_out, dim=1)  # (T, h, Dv)
+            q, k, v = (t.index_select(0, permutation) for t in (q, k, v))
+        out = varlen(q, k, v, cu_seqlens, scale=scale, dropout_p=dropout)  # (T, h, Dv)
         if permutation is not None:  # roll back
             out = torch.empty_like(out).index_copy(0, permutation, out)
         outputs.append(out)

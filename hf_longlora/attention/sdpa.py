@@ -51,18 +51,17 @@ def sdpa_varlen_attention(
         raise ValueError(f"query heads ({num_heads}) must be a multiple of key/value heads ({num_kv_heads})")
     gqa = num_heads != num_kv_heads
 
+    runs = equal_length_runs(cu_seqlens)
+    spans = [length * count for _, length, count in runs]
+    # one split, not a slice per run: the backward of a split is one `cat` of the pieces' gradients, where
+    # per-run slicing would allocate a zero-filled full-size gradient per run and add them up
+    queries, keys, values = (t.split(spans, dim=0) for t in (query, key, value))
     outputs = []
-    for start, length, count in equal_length_runs(cu_seqlens):
+    for (_, length, count), q, k, v in zip(runs, queries, keys, values, strict=True):
         span = length * count
-        q = (
-            query.narrow(0, start, span).view(count, length, num_heads, head_dim).transpose(1, 2)
-        )  # (n, Hq, len, D)
-        k = (
-            key.narrow(0, start, span).view(count, length, num_kv_heads, head_dim).transpose(1, 2)
-        )  # (n, Hkv, len, D)
-        v = (
-            value.narrow(0, start, span).view(count, length, num_kv_heads, -1).transpose(1, 2)
-        )  # (n, Hkv, len, Dv)
+        q = q.view(count, length, num_heads, head_dim).transpose(1, 2)  # (n, Hq, len, D)
+        k = k.view(count, length, num_kv_heads, head_dim).transpose(1, 2)  # (n, Hkv, len, D)
+        v = v.view(count, length, num_kv_heads, -1).transpose(1, 2)  # (n, Hkv, len, Dv)
         out = F.scaled_dot_product_attention(
             q, k, v, dropout_p=dropout_p, is_causal=length > 1, scale=scale, enable_gqa=gqa
         )  # (n, Hq, len, Dv)
