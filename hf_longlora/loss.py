@@ -3,15 +3,24 @@
 A causal LM's own loss (``model(..., labels=...)``) builds ``(batch, seq, vocab)`` logits and an fp32 copy of them:
 at 32k tokens and a 32k vocabulary that is 4 GiB in fp32, plus as much again for their gradient, more than the
 rest of a LongLoRA step. Here the model returns only its last hidden states (``logits_to_keep=1``,
-``output_hidden_states=True``) and the LM head and cross-entropy run over ``chunk_size`` tokens at a time, each
-chunk under activation checkpointing, so at most one chunk's logits exist at once, in the forward and in the
-backward.
+``output_hidden_states=True``) and the LM head and cross-entropy run over ``chunk_size`` tokens at a time, so at
+most one chunk's logits exist at once.
+
+Two ways to do that, same loss and gradients:
+
+- **fused** (a plain ``nn.Linear`` head, also behind PEFT's ``modules_to_save`` copy): each chunk's logits are
+  turned into the loss *and* its gradients right away (``softmax - onehot``, then ``@ W`` for the hidden states
+  and ``^T @ h`` for a trainable head), as Liger-Kernel's fused linear cross-entropy does. The backward only
+  scales the stored gradients: the head runs twice per token (forward, input gradient), three times when it is
+  trained, and never again.
+- **checkpointed** (any other head: LoRA on the head, a quantized head, ZeRO-3 or FSDP parameters): each chunk
+  runs under activation checkpointing, so the backward recomputes its logits: one more head product per token.
 
 The loss and its gradients are the model's own (``transformers.loss.ForCausalLMLoss``): labels shifted by one,
 ``-100`` ignored, a mean over the labelled tokens, or a sum divided by ``num_items_in_batch`` when the trainer
 passes it (gradient accumulation normalised over the whole accumulated batch).
 
-TRL's SFTTrainer already computes its loss this way (its fused LM head), so :func:`hf_longlora.training.run_sft`
+TRL's SFTTrainer computes its loss in chunks itself (its fused LM head), so :func:`hf_longlora.training.run_sft`
 needs nothing; :func:`hf_longlora.training.run_pretraining` (transformers' ``Trainer``) uses
 :class:`ChunkedLossTrainer`.
 """
@@ -20,6 +29,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from peft.utils import ModulesToSaveWrapper
 from torch.utils.checkpoint import checkpoint
 from transformers import Trainer
 
@@ -35,11 +45,99 @@ _LOGIT_TRANSFORMS = (
 )
 
 
+def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for half-precision inputs (as transformers' loss upcasts its logits); fp64 stays fp64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    return t.to(_loss_dtype(t.dtype))
+
+
 def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    logits = head(hidden).float()
+    logits = _upcast(head(hidden))
     return F.cross_entropy(
         logits.view(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )
+
+
+def _plain_linear(head: torch.nn.Module) -> torch.nn.Linear | None:
+    """The ``nn.Linear`` that ``head(x)`` runs, when it is nothing more than that; else ``None``.
+
+    Sees through PEFT's ``ModulesToSaveWrapper`` (LongLoRA's trainable copy of tied embeddings). Parameters that
+    are not ordinary local tensors (DeepSpeed ZeRO-3 partitions, FSDP's DTensors, quantized weights) are left
+    to the module's own forward.
+    """
+    if isinstance(head, ModulesToSaveWrapper):
+        active = head.active_adapters
+        if head.disable_adapters or not active or any(name not in head.modules_to_save for name in active):
+            head = head.original_module
+        else:
+            head = head.modules_to_save[active[0]]
+    if type(head) is not torch.nn.Linear:
+        return None
+    for p in head.parameters():
+        if type(p) is not torch.nn.Parameter or hasattr(p, "ds_id") or not p.is_floating_point():
+            return None
+    return head
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """``sum(cross_entropy(hidden @ W^T + b, targets)) / normaliser``; the gradients are computed in the forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, normaliser, chunk_size):
+        # hidden (N, H), weight (V, H), bias (V,) or None, targets (N,) with -100 = no loss
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_bias = bias is not None and ctx.needs_input_grad[2]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None  # (N, H)
+        grad_weight = (
+            torch.zeros_like(weight, dtype=_loss_dtype(weight.dtype)) if need_weight else None
+        )  # (V, H)
+        grad_bias = torch.zeros_like(bias, dtype=_loss_dtype(bias.dtype)) if need_bias else None  # (V,)
+        total = hidden.new_zeros((), dtype=_loss_dtype(hidden.dtype))
+        for start in range(0, hidden.size(0), chunk_size):
+            h = hidden[start : start + chunk_size]  # (n, H)
+            t = targets[start : start + chunk_size]  # (n,)
+            logits = _upcast(F.linear(h, weight, bias))  # (n, V), in the autocast dtype if autocast is on
+            labelled = t != IGNORE_INDEX  # (n,)
+            safe = t.clamp(min=0).unsqueeze(1)  # (n, 1)
+            picked = logits.gather(1, safe).squeeze(1)  # (n,)
+            # one exp over the chunk serves the loss and its gradient; the logits' memory is reused
+            row_max = logits.amax(dim=-1, keepdim=True)  # (n, 1)
+            probs = logits.sub_(row_max).exp_()  # (n, V), unnormalised
+            row_sum = probs.sum(dim=-1, keepdim=True)  # (n, 1)
+            log_z = (row_max + row_sum.log()).squeeze(1)  # (n,)
+            total += ((log_z - picked) * labelled).sum()
+            if not (need_hidden or need_weight or need_bias):
+                continue
+            # d loss / d logits = (softmax - onehot) / normaliser on labelled rows, 0 elsewhere
+            weight_of_row = (labelled.to(probs.dtype) / normaliser).unsqueeze(1)  # (n, 1)
+            grad_logits = probs.mul_(weight_of_row / row_sum)  # (n, V)
+            grad_logits.scatter_add_(1, safe, -weight_of_row)
+            grad_logits = grad_logits.to(h.dtype)
+            if need_hidden:
+                grad_hidden[start : start + chunk_size] = grad_logits @ weight  # (n, H)
+            if need_weight:
+                grad_weight += grad_logits.t() @ h  # (V, H)
+            if need_bias:
+                grad_bias += grad_logits.sum(0)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.weight_dtype = weight.dtype
+        return total / normaliser
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        scale = _upcast(grad_loss)
+        return (
+            None if grad_hidden is None else grad_hidden * scale.to(grad_hidden.dtype),
+            None if grad_weight is None else (grad_weight * scale).to(ctx.weight_dtype),
+            None if grad_bias is None else (grad_bias * scale).to(ctx.weight_dtype),
+            None,
+            None,
+            None,
+        )
 
 
 def chunked_causal_lm_loss(
@@ -50,25 +148,42 @@ def chunked_causal_lm_loss(
     shift_labels: torch.Tensor | None = None,
     num_items_in_batch: torch.Tensor | int | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    fused: bool | None = None,
 ) -> torch.Tensor:
     """``ForCausalLMLoss(head(hidden_states), labels, ...)`` computed ``chunk_size`` tokens at a time.
 
     Args:
         hidden_states: ``(batch, seq, hidden)``, the model's last hidden states (after the final norm).
-        head: the LM head module (called on each chunk, so LoRA or other wrappers on it apply).
+        head: the LM head module.
         labels: ``(batch, seq)`` token ids, ``-100`` where no loss is taken; shifted by one here.
         shift_labels: already shifted labels (instead of ``labels``).
         num_items_in_batch: when given, the loss is the sum divided by it (the trainer's gradient-accumulation
             normalisation); else the mean over the labelled tokens.
         chunk_size: tokens per chunk (the peak extra memory is about ``chunk_size * vocab * 10`` bytes).
+        fused: compute the gradients in the forward (no recompute); ``None`` = whenever the head is a plain
+            ``nn.Linear`` (see the module docstring), ``False`` = always the checkpointed chunks, ``True`` =
+            raise if the head is not a plain linear layer.
     """
     if shift_labels is None:
         if labels is None:
             raise ValueError("give labels or shift_labels")
         shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     hidden = hidden_states.reshape(-1, hidden_states.size(-1))
     targets = shift_labels.reshape(-1).to(hidden.device)
-    total = hidden.new_zeros((), dtype=torch.float32)
+    if num_items_in_batch is None:
+        normaliser = (targets != IGNORE_INDEX).sum()  # 0 / 0 = nan without labels, like the plain loss
+    else:
+        normaliser = torch.as_tensor(num_items_in_batch, device=hidden.device)
+    linear = _plain_linear(head) if fused is not False else None
+    if fused and linear is None:
+        raise ValueError(f"fused=True needs a plain nn.Linear LM head, got {type(head).__name__}")
+    if linear is not None:
+        return _FusedLinearCrossEntropy.apply(
+            hidden, linear.weight, linear.bias, targets, _upcast(normaliser), chunk_size
+        )
+    total = hidden.new_zeros((), dtype=_loss_dtype(hidden.dtype))
     for start in range(0, hidden.size(0), chunk_size):
         labels_chunk = targets[start : start + chunk_size]
         hidden_chunk = hidden[start : start + chunk_size]
@@ -78,11 +193,7 @@ def chunked_causal_lm_loss(
             total = total + checkpoint(_chunk_loss, head, hidden_chunk, labels_chunk, use_reentrant=False)
         else:
             total = total + _chunk_loss(head, hidden_chunk, labels_chunk)
-    if num_items_in_batch is None:
-        return total / (targets != IGNORE_INDEX).sum()  # 0 / 0 = nan without labels, like the plain loss
-    if torch.is_tensor(num_items_in_batch):
-        num_items_in_batch = num_items_in_batch.to(total.device)
-    return total / num_items_in_batch
+    return total / normaliser
 
 
 def supports_chunked_loss(model: torch.nn.Module) -> bool:

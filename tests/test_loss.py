@@ -146,3 +146,133 @@ def test_trainer_gradient_accumulation_matches_transformers(tmp_path, tied, monk
     assert loss_chunked == pytest.approx(loss_plain, rel=1e-6)
     for name in plain:
         torch.testing.assert_close(chunked[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The fused path: gradients computed in the forward, no recompute
+
+
+def _plain_reference(hidden, weight, bias, targets, normaliser):
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="sum") / normaliser
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("num_items", [None, 23])
+@pytest.mark.parametrize("chunk_size", [1, 5, 64])
+def test_fused_matches_plain_cross_entropy_fp64(with_bias, num_items, chunk_size):
+    g = torch.Generator().manual_seed(chunk_size)
+    head = torch.nn.Linear(12, 29, bias=with_bias, dtype=torch.float64)
+    hidden = torch.randn(3, 11, 12, dtype=torch.float64, generator=g, requires_grad=True)
+    labels = torch.randint(0, 29, (3, 11), generator=g)
+    labels[0, :4] = -100
+    labels[2, -3:] = -100
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
+    flat = shifted.reshape(-1)
+    normaliser = (flat != -100).sum() if num_items is None else num_items
+    want = _plain_reference(hidden.reshape(-1, 12), head.weight, head.bias, flat, normaliser)
+    want_grads = torch.autograd.grad(want * 1.7, [hidden, *head.parameters()])
+    got = chunked_causal_lm_loss(
+        hidden, head, labels, num_items_in_batch=num_items, chunk_size=chunk_size, fused=True
+    )
+    got_grads = torch.autograd.grad(got * 1.7, [hidden, *head.parameters()])  # a non-unit upstream gradient
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_fused_backward_does_no_matrix_products():
+    """The checkpointed path recomputes each chunk's logits in the backward; the fused one only scales."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(40, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (40,))
+    flops = {}
+    for fused in (True, False):
+        loss = chunked_causal_lm_loss(hidden, head, labels, chunk_size=8, fused=fused)
+        with FlopCounterMode(display=False) as counter:
+            loss.backward()
+        flops[fused] = counter.get_total_flops()
+    assert flops[True] == 0
+    assert flops[False] >= 3 * 2 * 39 * 16 * 50  # recompute + input grad + weight grad, ~2 flops per MAC
+
+
+def test_fused_path_is_chosen_for_plain_and_tied_heads_only(monkeypatch):
+    import hf_longlora.loss as loss_module
+
+    calls = []
+    real = loss_module._FusedLinearCrossEntropy.apply
+    monkeypatch.setattr(loss_module._FusedLinearCrossEntropy, "apply", lambda *a: calls.append(1) or real(*a))
+    batch = _batch()
+    for tied in (
+        False,
+        True,
+    ):  # untied: a plain Linear; tied: PEFT's trainable copy behind ModulesToSaveWrapper
+        calls.clear()
+        causal_lm_loss(_model(tied), batch, chunk_size=16).backward()
+        assert calls == [1], tied
+
+    # LoRA on the head: the head's own forward must run (checkpointed chunks), with the model's loss and gradients
+    torch.manual_seed(0)
+    model = get_longlora_model(
+        LlamaForCausalLM(tiny_config(vocab_size=96)),
+        LongLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]),
+    )
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    model.train()
+    reference = model(**batch, use_cache=False).loss
+    reference.backward()
+    expected = _grads(model)
+    model.zero_grad()
+    calls.clear()
+    loss = causal_lm_loss(model, batch, chunk_size=16)
+    loss.backward()
+    assert calls == []
+    torch.testing.assert_close(loss, reference, rtol=1e-6, atol=1e-6)
+    got = _grads(model)
+    assert any("lm_head.lora_A" in n for n in got)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match="fused=True needs a plain nn.Linear"):
+        chunked_causal_lm_loss(
+            torch.randn(1, 4, 32),
+            model.get_output_embeddings(),
+            torch.zeros(1, 4, dtype=torch.long),
+            fused=True,
+        )
+
+
+def test_fused_under_bf16_autocast_within_pytorch_error():
+    """flash-attention's rule: error vs an fp64 reference within a small multiple of plain PyTorch's own error."""
+    g = torch.Generator().manual_seed(0)
+    head64 = torch.nn.Linear(64, 300, bias=False, dtype=torch.float64)
+    hidden64 = torch.randn(2, 96, 64, dtype=torch.float64, generator=g, requires_grad=True)
+    labels = torch.randint(0, 300, (2, 96), generator=g)
+    labels[1, :10] = -100
+    flat = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:].reshape(-1)
+    ref = _plain_reference(hidden64.reshape(-1, 64), head64.weight, None, flat, (flat != -100).sum())
+    ref_grads = torch.autograd.grad(ref, [hidden64, head64.weight])
+
+    def run(fn):
+        head = torch.nn.Linear(64, 300, bias=False)
+        head.weight.data.copy_(head64.weight.data)
+        hidden = hidden64.detach().float().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = fn(hidden, head)
+        return loss, torch.autograd.grad(loss, [hidden, head.weight])
+
+    plain_loss, plain_grads = run(
+        lambda h, head: _plain_reference(h.reshape(-1, 64), head.weight, None, flat, (flat != -100).sum())
+    )
+    fused_loss, fused_grads = run(
+        lambda h, head: chunked_causal_lm_loss(h, head, labels, chunk_size=32, fused=True)
+    )
+    assert abs(fused_loss.double() - ref) <= 2 * abs(plain_loss.double() - ref) + 1e-6
+    for got, plain, want in zip(fused_grads, plain_grads, ref_grads, strict=True):
+        err_plain = (plain.double() - want).abs().max()
+        assert 0 < err_plain < 0.05 * want.abs().max()  # bf16 really ran
+        assert (got.double() - want).abs().max() <= 2 * err_plain
