@@ -180,8 +180,9 @@ def worker(cfg: dict) -> dict:
         batch = {"input_ids": ids, "labels": ids}
         cpu_start = time.process_time()
         start = time.perf_counter()
-        if cfg["loss"] == "chunked":
-            loss = causal_lm_loss(model, batch, chunk_size=cfg["chunk"])
+        if cfg["loss"] in ("chunked", "checkpointed"):  # fused where the head allows it / always recompute
+            fused = None if cfg["loss"] == "chunked" else False
+            loss = causal_lm_loss(model, batch, chunk_size=cfg["chunk"], fused=fused)
         else:
             loss = model(**batch, use_cache=False).loss
         loss.backward()
@@ -296,8 +297,13 @@ class Runner:
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(base)]
         if a.nice:
             cmd = ["nice", "-n", str(a.nice), *cmd]
+        env = dict(os.environ)
+        if (
+            a.malloc_mmap_threshold
+        ):  # glibc returns freed large buffers at once, so peak RSS follows live memory
+            env.setdefault("MALLOC_MMAP_THRESHOLD_", str(a.malloc_mmap_threshold))
         start = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         wall = time.perf_counter() - start
         if base.get("profile"):
             print(proc.stdout.split("RESULT ")[0], flush=True)
@@ -581,20 +587,25 @@ def mode_ckpt(runner: Runner, args):
 def mode_loss(runner: Runner, args):
     for _ in range(args.repeats):
         for length in args.loss_lengths:
-            for loss in ("chunked", "plain"):
+            for loss in ("chunked", "checkpointed", "plain"):
                 runner.run(method="longlora", length=length, loss=loss)
-    print("\n## chunked loss vs the model's own loss (full fp32 logits): LongLoRA step")
     print(
-        f"{'L':>6} | {'chunked s':>9} {'plain s':>8} | {'chunked GiB':>11} {'plain GiB':>9} {'saved GiB':>9}"
+        "\n## LongLoRA step: fused chunked loss vs checkpointed chunks (head recomputed) vs the model's own loss "
+        "(full fp32 logits)"
+    )
+    print(
+        f"{'L':>6} | {'fused cpu s':>11} {'ckpt cpu s':>10} {'plain cpu s':>11} {'ckpt/fused':>10} | "
+        f"{'fused GiB':>9} {'ckpt GiB':>8} {'plain GiB':>9}"
     )
     for length in args.loss_lengths:
-        ch = longlora_cell(runner, args, length, loss="chunked")
-        pl = longlora_cell(runner, args, length, loss="plain")
-        if ch and pl:
-            print(
-                f"{length:>6} | {ch['time']:>9.2f} {pl['time']:>8.2f} | {fmt_gib(ch['peak']):>11} {fmt_gib(pl['peak']):>9} "
-                f"{fmt_gib(pl['peak'] - ch['peak']):>9}"
-            )
+        cells = [longlora_cell(runner, args, length, loss=x) for x in ("chunked", "checkpointed", "plain")]
+        if not all(cells):
+            continue
+        fu, ck, pl = cells
+        print(
+            f"{length:>6} | {fu['cpu']:>11.1f} {ck['cpu']:>10.1f} {pl['cpu']:>11.1f} {ck['cpu'] / fu['cpu']:>9.2f}x | "
+            f"{fmt_gib(fu['peak']):>9} {fmt_gib(ck['peak']):>8} {fmt_gib(pl['peak']):>9}"
+        )
 
 
 def mode_profile(runner: Runner, args):
@@ -642,6 +653,13 @@ def main() -> None:
         "--threads", type=int, default=0, help="torch threads in the workers (0: torch's default)"
     )
     parser.add_argument("--nice", type=int, default=0, help="run the workers under nice -n N")
+    parser.add_argument(
+        "--malloc-mmap-threshold",
+        type=int,
+        default=131072,
+        help="MALLOC_MMAP_THRESHOLD_ of the workers (bytes; 0: glibc's adaptive default, which keeps freed "
+        "buffers and inflates peak RSS)",
+    )
     parser.add_argument("--fit-lengths", type=int, nargs="+", default=[2048, 4096, 8192])
     parser.add_argument("--budgets", type=float, nargs="+", default=[4, 8, 16], help="GiB")
     parser.add_argument("--verify-max-seconds", type=float, default=600)

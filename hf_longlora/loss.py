@@ -210,6 +210,7 @@ def causal_lm_loss(
     inputs: dict,
     num_items_in_batch: torch.Tensor | int | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    fused: bool | None = None,
 ) -> torch.Tensor:
     """The loss of ``model(**inputs)`` (``inputs`` with ``labels``) without building the full logits.
 
@@ -228,6 +229,7 @@ def causal_lm_loss(
         shift_labels=shift_labels,
         num_items_in_batch=num_items_in_batch,
         chunk_size=chunk_size,
+        fused=fused,
     )
 
 
