@@ -530,12 +530,27 @@ def run_sft(
     return trainer, counts
 
 
+def bf16_supported() -> bool:
+    """Whether this machine computes in bf16 natively (so bf16 is faster than fp32, not only smaller).
+
+    CUDA: ``torch.cuda.is_bf16_supported()`` (Ampere and later). CPU: oneDNN's bf16 kernels, which need AVX-512
+    (native bf16 arithmetic with AVX-512 BF16 or AMX); on AVX2 CPUs PyTorch falls back to reference kernels and a bf16
+    matrix product is tens of times slower than in fp32 (69x on the benchmark machine, ``docs/performance.md``).
+    """
+    if torch.cuda.is_available():
+        return bool(torch.cuda.is_bf16_supported())
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return False
+
+
 def recipe_defaults_for(parser) -> None:
-    """Apply LongLoRA's recipe defaults to a parser's arguments that exist (bf16 only where supported)."""
+    """Apply LongLoRA's recipe defaults to a parser's arguments that exist (bf16 where :func:`bf16_supported`)."""
     known = {action.dest for action in parser._actions}
     defaults = {k: v for k, v in RECIPE_DEFAULTS.items() if k in known}
     if "bf16" in known:
-        defaults["bf16"] = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        defaults["bf16"] = bf16_supported()
     parser.set_defaults(**defaults)
 
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from helpers import make_tiny_checkpoint
 
@@ -592,3 +593,19 @@ def test_explicit_keys_come_from_the_config_and_the_flags(tmp_path):
     config = write_yaml(tmp_path / "c.yaml", {"model_name_or_path": "m", "s2_group_size": 64})
     keys = cli._explicit_keys(["--config", str(config), "--warmup_steps", "3", "--learning_rate=0.1"])
     assert keys == {"config", "model_name_or_path", "s2_group_size", "warmup_steps", "learning_rate"}
+
+
+def test_bf16_default_follows_the_hardware():
+    """The recipe turns bf16 on where the machine has fast bf16 kernels (CUDA Ampere+, AVX-512 CPUs), not elsewhere."""
+    from transformers import HfArgumentParser, TrainingArguments
+
+    from hf_longlora.training import bf16_supported, recipe_defaults_for
+
+    parser = HfArgumentParser(TrainingArguments)
+    recipe_defaults_for(parser)
+    assert parser.get_default("bf16") is bf16_supported()
+    cpuinfo = Path("/proc/cpuinfo")
+    if not torch.cuda.is_available() and cpuinfo.exists():
+        flags = set(cpuinfo.read_text().split())
+        if "avx512bw" not in flags:  # AVX2 only, like the CI machine: bf16 is emulated, so off
+            assert bf16_supported() is False
