@@ -692,7 +692,8 @@ def main() -> None:
         args.lengths, args.fit_lengths, args.smollm2_lengths = [128, 256], [128, 256], [128, 256]
         args.ckpt_lengths, args.loss_lengths, args.profile_length, args.profile_rows = [128], [128], 128, 3
         args.fixed_group, args.budgets, args.repeats, args.verify_max_seconds = 32, [0.5], 1, 0
-        args.dtype = "fp32"
+        if "--dtype" not in sys.argv:
+            args.dtype = "fp32"
         if "--modes" not in sys.argv:
             args.modes = list(MODES)
 

@@ -100,7 +100,7 @@ def test_train_step_benchmark_quick():
         "## budget",
         "## SmolLM2",
         "## activation",
-        "## chunked",
+        "## LongLoRA step: fused chunked loss",
     ):
         assert title in out, title
     assert "## profile" in out and "aten::" in out
@@ -109,3 +109,18 @@ def test_train_step_benchmark_quick():
     for row in speed[:2]:  # the speed table: three wall-time and two CPU-time ratios per length
         assert len(re.findall(r"\d+\.\d+x", row)) == 5, row
     assert re.search(r"peak memory full FT / LongLoRA: \d+\.\d+x", out)
+    # the loss table: fused, checkpointed and plain CPU seconds and the checkpointed / fused ratio
+    assert re.search(r"^\s*128 \|\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+x \|", out, re.MULTILINE)
+
+
+def test_train_step_benchmark_quick_bf16():
+    """The bf16 cells (the issue's setting; too slow to measure on an AVX2 CPU) run and print their ratios."""
+    out = run(
+        [str(ROOT / "benchmarks" / "train_step.py"), "--quick", "--modes", "speed", "--dtype", "bf16"],
+        cwd=ROOT,
+    )
+    assert "bf16; modes ['speed']" in out
+    speed = [line for line in out.splitlines() if re.match(r"\s*(128|256) \|", line)]
+    assert len(speed) == 2
+    for row in speed:
+        assert len(re.findall(r"\d+\.\d+x", row)) == 5, row
