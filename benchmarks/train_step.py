@@ -491,6 +491,11 @@ def mode_budget(runner: Runner, args):
                 if result:
                     peak = fmt_gib(result["peak"])
                     status = "measured" if result["peak"] <= budget * GIB else "OVER"
+                    # the line through the longest fitted step and the check (both measured) moves the prediction
+                    slope = (result["peak"] - cell["peak"]) / (check - length_fit)
+                    if slope > 0:
+                        corrected = int(check + (budget * GIB - result["peak"]) / slope)
+                        status += f"; secant through L={length_fit} and the check: ~{corrected} tokens"
             else:
                 peak = f"(~{estimate / 60:.0f} min)"
             print(
