@@ -159,9 +159,12 @@ def _add_eval_parser(sub) -> None:
     ev.set_defaults(run=_eval)
 
 
-def training_parser(command: str):
+def training_parser(command: str, explicit: set[str] | frozenset[str] = frozenset()):
     """TrlParser for `train` (ModelConfig, corpus, LongLoRA, TrainingArguments) or `sft` (TRL's sft script's
-    dataclasses plus LongLoRA's and the LongAlpaca data arguments), with LongLoRA's recipe defaults."""
+    dataclasses plus LongLoRA's and the LongAlpaca data arguments), with LongLoRA's recipe defaults.
+
+    ``explicit``: the keys the user set; the recipe's automatic precision (bf16 where it is native) applies only
+    when none of ``bf16`` / ``fp16`` / ``dtype`` is among them."""
     from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig, TrlParser
 
     from .training import CorpusArguments, LongLoraArguments, SFTDataArguments, recipe_defaults_for
@@ -180,7 +183,7 @@ def training_parser(command: str):
             SFTDataArguments,
         )
     parser = TrlParser(types, prog=f"hf-longlora {command}")
-    recipe_defaults_for(parser)
+    recipe_defaults_for(parser, explicit)
     return parser
 
 
@@ -188,7 +191,7 @@ def _explicit_keys(argv: list[str]) -> set[str]:
     """The keys a user set, in the --config YAML or as --flags (the recipe scales only the others)."""
     import yaml
 
-    keys = {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
+    keys = {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")}
     for i, arg in enumerate(argv):
         path = argv[i + 1] if arg == "--config" and i + 1 < len(argv) else arg.partition("=")[2]
         if (arg == "--config" or arg.startswith("--config=")) and path:
@@ -201,8 +204,9 @@ def _run_training(command: str, argv: list[str]) -> int:
     from .callbacks import NonFiniteLossError
     from .training import run_pretraining, run_sft
 
-    parser = training_parser(command)
     try:
+        explicit = _explicit_keys(argv)
+        parser = training_parser(command, explicit)
         *parsed, config_rest, cli_rest = parser.parse_args_and_config(
             argv, return_remaining_strings=True, separate_remaining_strings=True
         )
@@ -212,7 +216,6 @@ def _run_training(command: str, argv: list[str]) -> int:
                 f"unknown keys {unknown + [a for a in cli_rest if a.startswith('--')] or cli_rest}; "
                 f"`hf-longlora {command} --help` lists the accepted keys"
             )
-        explicit = _explicit_keys(argv)
         if command == "train":
             model_args, corpus_args, longlora_args, training_args = parsed
             run_pretraining(model_args, corpus_args, longlora_args, training_args, recipe_explicit=explicit)

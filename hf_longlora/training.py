@@ -545,13 +545,54 @@ def bf16_supported() -> bool:
         return False
 
 
-def recipe_defaults_for(parser) -> None:
-    """Apply LongLoRA's recipe defaults to a parser's arguments that exist (bf16 where :func:`bf16_supported`)."""
+def accelerator_available() -> bool:
+    """Whether torch sees a GPU-like accelerator (CUDA, XPU, MPS, ...); without one, training runs on the CPU."""
+    if torch.cuda.is_available():
+        return True
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+    return bool(accelerator is not None and accelerator.is_available())
+
+
+# The keys that choose the training precision; when the user sets any of them, the recipe chooses nothing.
+PRECISION_KEYS = frozenset({"bf16", "fp16", "dtype"})
+
+
+def recipe_defaults_for(parser, explicit: set[str] | frozenset[str] = frozenset()) -> None:
+    """Apply LongLoRA's recipe defaults to a parser's arguments that exist.
+
+    ``explicit``: the keys the user set (:func:`hf_longlora.cli` reads them from the YAML and the flags before
+    parsing). Precision: ``bf16`` mixed precision where :func:`bf16_supported`, unless the user set ``bf16``,
+    ``fp16`` or ``dtype`` (their choice wins). Without an accelerator ``use_cpu`` defaults to True, which
+    transformers' TrainingArguments requires for ``bf16=True`` on a CPU.
+    """
     known = {action.dest for action in parser._actions}
     defaults = {k: v for k, v in RECIPE_DEFAULTS.items() if k in known}
     if "bf16" in known:
-        defaults["bf16"] = bf16_supported()
+        # a user's bf16 / fp16 / dtype wins: `dtype: float32` means fp32 (TRL's SFTConfig alone would default to bf16)
+        defaults["bf16"] = False if PRECISION_KEYS & set(explicit) else bf16_supported()
+    if "use_cpu" in known and not accelerator_available():
+        defaults["use_cpu"] = True
     parser.set_defaults(**defaults)
+
+
+def describe_precision(training_args, explicit: set[str] | frozenset[str], model_args=None) -> str:
+    """One phrase for the recipe-defaults line: the precision the run trains in, and who chose it."""
+    if training_args.bf16:
+        mode = "bf16 mixed precision"
+    elif training_args.fp16:
+        mode = "fp16 mixed precision"
+    else:
+        mode = "no mixed precision"
+    dtype = getattr(model_args, "dtype", None)
+    weights = f", weights {dtype}" if dtype not in (None, "auto") else ""
+    if PRECISION_KEYS & set(explicit):
+        return f"{mode} (as configured){weights}"
+    has = "has" if training_args.bf16 else "lacks"
+    if accelerator_available():
+        where = f"this GPU {has} native bf16"
+    else:
+        where = f"this {torch.backends.cpu.get_cpu_capability()} CPU {has} native bf16"
+    return f"{mode} (chosen automatically: {where}; set bf16, fp16 or dtype to choose){weights}"
 
 
 # LongLoRA's SFT recipe: a fixed S2 group of 8192 tokens (at 32k context, a quarter of it).
@@ -589,6 +630,9 @@ def scale_recipe(
         config = AutoConfig.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
         if getattr(config.get_text_config(), "hidden_size", 0) >= 8192:
             training_args.learning_rate = changes["learning_rate"] = 1e-5
-    if changes:
-        print(f"hf-longlora {command}: recipe defaults scaled to the model and run: {changes}", flush=True)
+    print(
+        f"hf-longlora {command}: recipe defaults scaled to the model and run: {changes}; "
+        f"precision: {describe_precision(training_args, explicit, model_args)}",
+        flush=True,
+    )
     return changes

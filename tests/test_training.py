@@ -595,17 +595,124 @@ def test_explicit_keys_come_from_the_config_and_the_flags(tmp_path):
     assert keys == {"config", "model_name_or_path", "s2_group_size", "warmup_steps", "learning_rate"}
 
 
-def test_bf16_default_follows_the_hardware():
-    """The recipe turns bf16 on where the machine has fast bf16 kernels (CUDA Ampere+, AVX-512 CPUs), not elsewhere."""
+# ---------------------------------------------------------------------------------------------- precision
+# The CPUs we run on differ: AVX2-only (bf16 emulated, 60x slower than fp32) and AVX-512 with native bf16. Each
+# side is simulated here on any machine; the unsimulated test checks the machine's own side for real.
+
+
+@pytest.fixture(params=[True, False], ids=["native-bf16", "no-bf16"])
+def simulated_bf16(request, monkeypatch):
+    """A CPU-only machine with (AVX-512 BF16) or without (AVX2) native bf16."""
+    from hf_longlora import training
+
+    monkeypatch.setattr(training, "bf16_supported", lambda: request.param)
+    monkeypatch.setattr(training, "accelerator_available", lambda: False)
+    return request.param
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_supported_reads_the_cpu_and_the_gpu(monkeypatch, native):
+    from hf_longlora.training import bf16_supported
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+    assert bf16_supported() is native
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: not native)  # the GPU decides, not the CPU
+    assert bf16_supported() is (not native)
+
+
+def test_bf16_supported_on_this_machine():
+    """For real: oneDNN's answer on this CPU (AVX-512 machines with bf16 say True, AVX2 machines False)."""
+    from hf_longlora.training import bf16_supported
+
+    if not torch.cuda.is_available():
+        capability = torch.backends.cpu.get_cpu_capability()
+        assert bf16_supported() is bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        if capability in ("DEFAULT", "AVX2"):
+            assert bf16_supported() is False
+
+
+def test_recipe_precision_defaults(simulated_bf16):
+    """bf16 where it is native, unless the user chose bf16/fp16/dtype; use_cpu on a machine without a GPU."""
     from transformers import HfArgumentParser, TrainingArguments
 
-    from hf_longlora.training import bf16_supported, recipe_defaults_for
+    from hf_longlora.training import recipe_defaults_for
 
     parser = HfArgumentParser(TrainingArguments)
     recipe_defaults_for(parser)
-    assert parser.get_default("bf16") is bf16_supported()
-    cpuinfo = Path("/proc/cpuinfo")
-    if not torch.cuda.is_available() and cpuinfo.exists():
-        flags = set(cpuinfo.read_text().split())
-        if "avx512bw" not in flags:  # AVX2 only, like the CI machine: bf16 is emulated, so off
-            assert bf16_supported() is False
+    assert parser.get_default("bf16") is simulated_bf16 and parser.get_default("use_cpu") is True
+    for key in ("bf16", "fp16", "dtype"):
+        parser = HfArgumentParser(TrainingArguments)
+        recipe_defaults_for(parser, {key})
+        assert parser.get_default("bf16") is False, key
+
+
+def test_recipe_keeps_use_cpu_off_where_there_is_a_gpu(monkeypatch):
+    from transformers import HfArgumentParser, TrainingArguments
+
+    from hf_longlora import training
+
+    monkeypatch.setattr(training, "accelerator_available", lambda: True)
+    monkeypatch.setattr(training, "bf16_supported", lambda: True)
+    parser = HfArgumentParser(TrainingArguments)
+    training.recipe_defaults_for(parser)
+    assert parser.get_default("use_cpu") is False and parser.get_default("bf16") is True
+
+
+@pytest.mark.parametrize("command", ["train", "sft"])
+def test_configs_without_precision_keys_parse_on_either_cpu(tmp_path, simulated_bf16, command):
+    """The config a new user writes (no use_cpu, no bf16) builds its TrainingArguments on both kinds of CPU: on an
+    AVX-512 one the recipe turns bf16 on, and use_cpu (which transformers requires for bf16 on a CPU) comes with it."""
+    config = write_yaml(tmp_path / "c.yaml", {"model_name_or_path": "m", "output_dir": str(tmp_path / "o")})
+    argv = ["--config", str(config)]
+    parsed = cli.training_parser(command, cli._explicit_keys(argv)).parse_args_and_config(
+        argv, return_remaining_strings=True, separate_remaining_strings=True
+    )
+    training_args = parsed[3] if command == "train" else parsed[1]
+    assert training_args.bf16 is simulated_bf16 and training_args.use_cpu is True
+    assert training_args.mixed_precision == ("bf16" if simulated_bf16 else "no")
+    # an explicit choice always wins, on either machine
+    for extra, bf16 in (
+        (["--bf16", "true"], True),
+        (["--bf16", "false"], False),
+        (["--dtype", "float32"], False),
+    ):
+        parsed = cli.training_parser(command, cli._explicit_keys(argv + extra)).parse_args_and_config(
+            argv + extra, return_remaining_strings=True, separate_remaining_strings=True
+        )
+        assert (parsed[3] if command == "train" else parsed[1]).bf16 is bf16, extra
+
+
+@pytest.mark.slow
+def test_train_without_precision_keys_on_either_cpu(
+    tmp_path, tiny_checkpoint, corpus, simulated_bf16, capsys
+):
+    """`hf-longlora train` with a config that sets neither use_cpu nor bf16 nor dtype trains, in bf16 mixed
+    precision where the CPU has native bf16 (simulated on the other kind) and in fp32 elsewhere, and says which."""
+    config = train_config(tmp_path, tiny_checkpoint, corpus, max_steps=2, save_steps=2)
+    for key in ("use_cpu", "dtype"):
+        del config[key]
+    code = cli.main(["train", "--config", str(write_yaml(tmp_path / "c.yaml", config))])
+    out = capsys.readouterr().out
+    assert code == 0
+    mode = "bf16 mixed precision" if simulated_bf16 else "no mixed precision"
+    assert f"precision: {mode} (chosen automatically: this " in out
+    saved = torch.load(tmp_path / "out" / "training_args.bin", weights_only=False)
+    assert saved.bf16 is simulated_bf16 and saved.use_cpu is True
+    assert (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_train_precision_on_this_machine(tmp_path, tiny_checkpoint, corpus, capsys):
+    """Unsimulated: the same config on this machine's own CPU kind (bf16 for real on AVX-512 BF16 CPUs)."""
+    from hf_longlora.training import bf16_supported
+
+    config = train_config(tmp_path, tiny_checkpoint, corpus, max_steps=1, save_steps=1)
+    for key in ("use_cpu", "dtype"):
+        del config[key]
+    assert cli.main(["train", "--config", str(write_yaml(tmp_path / "c.yaml", config))]) == 0
+    saved = torch.load(tmp_path / "out" / "training_args.bin", weights_only=False)
+    assert saved.bf16 is bf16_supported()
+    mode = "bf16 mixed precision" if bf16_supported() else "no mixed precision"
+    assert f"precision: {mode}" in capsys.readouterr().out
