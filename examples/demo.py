@@ -221,8 +221,8 @@ def main() -> None:
     else:
         from transformers import AutoConfig
 
-        from hf_longlora.context import original_context_length
-        from hf_longlora.offline import resolve_model_path
+        from hf_longlora.adapters.context import original_context_length
+        from hf_longlora.adapters.smollm2 import resolve_model_path
 
         base = resolve_model_path(args.model)
         native = original_context_length(AutoConfig.from_pretrained(base))

@@ -26,17 +26,23 @@ Adapters (LongLoRA = LoRA + trainable embeddings and norms):
 - :func:`push_to_hub`, :func:`build_model_card`: publish with a model card.
 """
 
-from .adapter import get_longlora_model, load_adapter
+from . import _moved
+from .adapters import (
+    LongLoraConfig,
+    build_model_card,
+    extend_context,
+    get_longlora_model,
+    load_adapter,
+    load_model,
+    merge_and_save,
+    push_to_hub,
+)
 from .attention import S2_ATTENTION, S2Settings, configure_s2, register_s2_attention, s2_attention_forward
-from .context import extend_context
-from .hub import build_model_card, push_to_hub
-from .loading import load_model
-from .merge import merge_and_save
-from .peft_config import LongLoraConfig
 
 __version__ = "0.1.0.dev0"
 
 register_s2_attention()
+_moved.install()  # the 0.1.0.dev0 module paths (hf_longlora.training.loss, ...) still import, deprecated
 
 __all__ = [
     "S2_ATTENTION",

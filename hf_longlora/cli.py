@@ -17,7 +17,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from .merge import merge_and_save
+    from .adapters.merge import merge_and_save
 
     out = merge_and_save(
         args.base,
@@ -32,10 +32,18 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _push(args: argparse.Namespace) -> int:
-    from .hub import push_to_hub
+    from .adapters.hub import push_to_hub
 
     url = push_to_hub(
-        args.adapter, args.repo_id, private=args.private, merged=args.merged, base_model=args.base_model
+        args.adapter,
+        args.repo_id,
+        token=args.token,
+        private=True if args.private else None,
+        revision=args.revision,
+        create_pr=args.create_pr,
+        commit_message=args.commit_message,
+        merged=args.merged,
+        base_model=args.base_model,
     )
     print(f"pushed {args.adapter} to {args.repo_id}: {url}")
     return 0
@@ -201,8 +209,8 @@ def _explicit_keys(argv: list[str]) -> set[str]:
 
 
 def _run_training(command: str, argv: list[str]) -> int:
-    from .callbacks import NonFiniteLossError
     from .training import run_pretraining, run_sft
+    from .training.callbacks import NonFiniteLossError
 
     try:
         explicit = _explicit_keys(argv)
@@ -229,7 +237,7 @@ def _run_training(command: str, argv: list[str]) -> int:
 
 
 def _trl_hook(args: argparse.Namespace) -> int:
-    from . import trl_hook
+    from .training import trl_hook
 
     if args.action == "install":
         path = trl_hook.install(args.site_dir)
@@ -252,7 +260,7 @@ def _data(args: argparse.Namespace) -> int:
     if args.tokenizer:
         from transformers import AutoTokenizer
 
-        from .offline import resolve_model_path
+        from .adapters.smollm2 import resolve_model_path
 
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(args.tokenizer))
     records = build_longalpaca_sample(
@@ -313,6 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     push.add_argument("--repo-id", required=True, help="ORG/NAME on the Hub")
     push.add_argument("--private", action="store_true", help="create the repository private")
+    push.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the saved login)")
+    push.add_argument("--revision", default=None, help="branch to push to (created if missing)")
+    push.add_argument("--create-pr", action="store_true", help="open a pull request instead of pushing")
+    push.add_argument("--commit-message", default="Upload LongLoRA model", help="the commit's message")
     push.add_argument("--merged", action="store_true", help="the directory is a merged model")
     push.add_argument(
         "--base-model", default=None, help="base model id for the card (default: from the adapter)"

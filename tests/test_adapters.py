@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 import hf_longlora
 from hf_longlora import LongLoraConfig, extend_context, get_longlora_model, load_adapter
-from hf_longlora.adapter import restore_context
+from hf_longlora.adapters.lifecycle import restore_context
 
 ARCHS = ["llama", "mistral", "qwen2"]
 
@@ -154,7 +154,7 @@ def test_extend_context_yarn_and_dynamic():
     extend_context(config, 1024, method="dynamic")
     assert config.rope_parameters == {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0}
     assert config.max_position_embeddings == 256  # dynamic NTK scales from the original length
-    assert hf_longlora.context.context_length(config) == 1024
+    assert hf_longlora.adapters.context.context_length(config) == 1024
     with pytest.raises(ValueError, match="method must be one of"):
         extend_context(config, 2048, method="ntk")
 
@@ -325,3 +325,52 @@ def test_mismatch_is_found_before_the_base_weights_load(tmp_path, saved_base):
     (other / "model.safetensors").write_bytes(b"these weights are never read")
     with pytest.raises(ValueError, match="different base"):
         load_adapter(str(other), str(adapter))
+
+
+# ------------------------------------------------------------------------------------- PEFT's keywords
+
+
+def test_get_longlora_model_takes_pefts_keywords():
+    """``peft_config=`` as users type it for get_peft_model, and PEFT's other keywords reach get_peft_model."""
+    from peft import PeftMixedModel
+
+    model = get_longlora_model(base_model(), peft_config=LongLoraConfig(), revision="v1.2")
+    assert isinstance(model, PeftModel) and model.peft_config["default"].revision == "v1.2"
+    # our recording still happens
+    assert model.peft_config["default"].context_length == model.config.max_position_embeddings
+    mixed = get_longlora_model(base_model(), LongLoraConfig(trainable_embeddings=False), "x", mixed=True)
+    assert isinstance(mixed, PeftMixedModel) and "x" in mixed.peft_config
+    # autocast_adapter_dtype: PEFT keeps bf16 LoRA weights in fp32 unless told not to
+    bf16 = base_model().to(torch.bfloat16)
+    kept = get_longlora_model(bf16, LongLoraConfig(), autocast_adapter_dtype=False)
+    lora_a = kept.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight
+    assert lora_a.dtype == torch.bfloat16
+    cast = get_longlora_model(base_model().to(torch.bfloat16), LongLoraConfig())
+    assert (
+        cast.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype == torch.float32
+    )
+    # low_cpu_mem_usage: the adapter weights are created on the meta device (to be loaded afterwards)
+    empty = get_longlora_model(base_model(), LongLoraConfig(), low_cpu_mem_usage=True)
+    assert empty.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.is_meta
+
+
+def test_get_longlora_model_old_keyword_still_works():
+    with pytest.warns(DeprecationWarning, match="use peft_config"):
+        model = get_longlora_model(base_model(), config=LongLoraConfig(r=4))
+    assert model.peft_config["default"].r == 4
+    with pytest.raises(TypeError, match="not both peft_config and config"):
+        get_longlora_model(base_model(), LongLoraConfig(), config=LongLoraConfig())
+    with pytest.raises(TypeError, match="peft_config must be a LongLoraConfig, got LoraConfig"):
+        get_longlora_model(base_model(), LoraConfig())
+
+
+def test_configure_s2_signature_shows_its_defaults():
+    import inspect
+
+    signature = str(inspect.signature(hf_longlora.configure_s2))
+    assert "object at" not in signature
+    assert "group_size_ratio: 'float' = UNCHANGED" in signature and "shift: 'str' = UNCHANGED" in signature
+    config = tiny_config()
+    hf_longlora.configure_s2(config, shift="roll")
+    settings = hf_longlora.configure_s2(config, group_size=32)  # the shift set before stays
+    assert (settings.shift, settings.group_size, settings.group_size_ratio) == ("roll", 32, 0.25)

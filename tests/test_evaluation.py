@@ -97,7 +97,7 @@ def _reference_perplexity(model, stream, length, starts):
     [("sliding", 1, False), ("sliding", 3, False), ("non_overlapping", 2, False), ("sliding", 3, True)],
 )
 def test_perplexity_matches_transformers_loss_per_window(mode, batch_size, logits_path):
-    from hf_longlora.loss import supports_chunked_loss
+    from hf_longlora.training.loss import supports_chunked_loss
 
     model = _tiny_model()
     if logits_path:  # a logit transform in the config: the plain logits path (Llama itself ignores the knob)
@@ -138,7 +138,7 @@ def test_passkey_is_retrieved_by_a_real_pretrained_model():
     """SmolLM2-135M-Instruct retrieves the key from short prompts: the scoring can succeed, not only fail."""
     from transformers import AutoTokenizer
 
-    from hf_longlora.offline import smollm2_checkpoint
+    from hf_longlora.adapters.smollm2 import smollm2_checkpoint
 
     path = smollm2_checkpoint()
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa")

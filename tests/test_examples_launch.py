@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from hf_longlora.adapters.context import extend_context
 from hf_longlora.cli import _explicit_keys, training_parser
-from hf_longlora.context import extend_context
 from hf_longlora.training import check_context_extension, scale_recipe
 
 ROOT = Path(__file__).resolve().parent.parent

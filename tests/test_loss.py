@@ -9,7 +9,12 @@ from helpers import tiny_config
 from transformers import LlamaForCausalLM, Trainer, TrainingArguments, default_data_collator
 
 from hf_longlora import LongLoraConfig, get_longlora_model
-from hf_longlora.loss import ChunkedLossTrainer, causal_lm_loss, chunked_causal_lm_loss, supports_chunked_loss
+from hf_longlora.training.loss import (
+    ChunkedLossTrainer,
+    causal_lm_loss,
+    chunked_causal_lm_loss,
+    supports_chunked_loss,
+)
 
 
 def _model(tied: bool, longlora: bool = True, seed: int = 0):
@@ -134,7 +139,7 @@ def _train_one_step(trainer_cls, tmp_path, tied):
 @pytest.mark.parametrize("tied", [False, True])
 def test_trainer_gradient_accumulation_matches_transformers(tmp_path, tied, monkeypatch):
     """One SGD step over 4 accumulated micro-batches with different label counts: same loss and same update."""
-    import hf_longlora.loss as loss_module
+    import hf_longlora.training.loss as loss_module
 
     calls = []
     original = loss_module.causal_lm_loss
@@ -200,7 +205,7 @@ def test_fused_backward_does_no_matrix_products():
 
 
 def test_fused_path_is_chosen_for_plain_and_tied_heads_only(monkeypatch):
-    import hf_longlora.loss as loss_module
+    import hf_longlora.training.loss as loss_module
 
     calls = []
     real = loss_module._FusedLinearCrossEntropy.apply

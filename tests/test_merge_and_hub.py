@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import tiny_config, train_steps
-from huggingface_hub import HfApi
+from huggingface_hub import CommitInfo, HfApi
 from transformers import AutoModelForCausalLM
 
 import hf_longlora
@@ -124,9 +124,16 @@ class RecordingHub:
         self.files = {}
         hub = self
 
-        def create_repo(api, repo_id, *, private=False, exist_ok=False, repo_type=None, **kwargs):
+        self.kwargs = {}  # method -> the keywords of its last call
+
+        def create_repo(api, repo_id, *, private=None, exist_ok=False, repo_type=None, **kwargs):
             hub.calls.append(("create_repo", repo_id, private, exist_ok, repo_type))
+            hub.kwargs["create_repo"] = kwargs
             return f"https://huggingface.co/{repo_id}"
+
+        def create_branch(api, repo_id, *, branch, exist_ok=False, repo_type=None, **kwargs):
+            hub.calls.append(("create_branch", repo_id, branch, exist_ok))
+            hub.kwargs["create_branch"] = kwargs
 
         def create_commit(api, repo_id, operations, *, commit_message, repo_type=None, **kwargs):
             for op in operations:
@@ -135,9 +142,19 @@ class RecordingHub:
                     content if isinstance(content, bytes) else Path(content).read_bytes()
                 )
             hub.calls.append(("create_commit", repo_id, repo_type, commit_message))
+            hub.kwargs["create_commit"] = kwargs
+            if kwargs.get("create_pr"):
+                return CommitInfo(
+                    commit_url=f"https://huggingface.co/{repo_id}/commit/0123",
+                    commit_message=commit_message,
+                    commit_description="",
+                    oid="0123",
+                    pr_url=f"https://huggingface.co/{repo_id}/discussions/7",
+                )
             return f"https://huggingface.co/{repo_id}/commit/0123"
 
         monkeypatch.setattr(HfApi, "create_repo", create_repo)
+        monkeypatch.setattr(HfApi, "create_branch", create_branch)
         monkeypatch.setattr(HfApi, "create_commit", create_commit)
 
 
@@ -202,3 +219,35 @@ def test_push_merged_and_bad_input(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="has no adapter_config.json"):
         hf_longlora.push_to_hub(merged, "me/x")
     assert len(hub.calls) == 2  # nothing was uploaded for the bad calls
+
+
+def test_push_takes_huggingface_hub_keywords(tmp_path, monkeypatch, capsys):
+    """token, revision, create_pr, commit_message and private reach huggingface_hub as its users pass them."""
+    _, adapter, _ = _base_and_adapter(tmp_path)
+    hub = RecordingHub(monkeypatch)
+    url = hf_longlora.push_to_hub(
+        adapter, "me/a", token="hf_tok", revision="v2", commit_message="LongLoRA 32k", commit_description="d"
+    )
+    assert url == "https://huggingface.co/me/a/commit/0123"
+    assert hub.calls[0] == ("create_repo", "me/a", None, True, "model")  # private: the account's default
+    assert hub.calls[1] == ("create_branch", "me/a", "v2", True)  # the branch is created if missing
+    assert hub.calls[2] == ("create_commit", "me/a", "model", "LongLoRA 32k")
+    assert (
+        hub.kwargs["create_commit"]["revision"] == "v2" and hub.kwargs["create_commit"]["token"] == "hf_tok"
+    )
+    assert (
+        hub.kwargs["create_commit"]["commit_description"] == "d"
+        and not hub.kwargs["create_commit"]["create_pr"]
+    )
+    assert hub.kwargs["create_repo"]["token"] == "hf_tok" and hub.kwargs["create_branch"]["token"] == "hf_tok"
+    # a pull request: no branch is created, the PR's URL comes back
+    hub = RecordingHub(monkeypatch)
+    code = cli.main(
+        ["push", "--adapter", str(adapter), "--repo-id", "me/a", "--create-pr", "--commit-message", "m",
+         "--token", "hf_x", "--revision", "main"]
+    )  # fmt: skip
+    assert code == 0 and "https://huggingface.co/me/a/discussions/7" in capsys.readouterr().out
+    assert [c[0] for c in hub.calls] == ["create_repo", "create_commit"] and hub.calls[1][3] == "m"
+    assert (
+        hub.kwargs["create_commit"]["create_pr"] is True and hub.kwargs["create_commit"]["revision"] == "main"
+    )

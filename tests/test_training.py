@@ -260,7 +260,7 @@ def test_train_cli_nf4(tmp_path, tiny_checkpoint, corpus):
 
 
 def test_trl_hook_registers_only_when_asked(tmp_path):
-    from hf_longlora import trl_hook
+    from hf_longlora.training import trl_hook
 
     assert cli.main(["trl-hook", "install", "--site-dir", str(tmp_path)]) == 0
     assert trl_hook.is_installed(tmp_path)
@@ -285,7 +285,7 @@ def test_trl_hook_registers_only_when_asked(tmp_path):
 @pytest.fixture
 def trl_hook_in_this_environment():
     """The hook in the venv's own site-packages (as a user installs it); removed afterwards if we added it."""
-    from hf_longlora import trl_hook
+    from hf_longlora.training import trl_hook
 
     was_installed = trl_hook.is_installed()
     trl_hook.install()
@@ -347,7 +347,11 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, default_data_collator
 
     from hf_longlora import get_longlora_model
-    from hf_longlora.callbacks import NonFiniteLossError, StopOnNonFiniteLossCallback, add_longlora_callbacks
+    from hf_longlora.training.callbacks import (
+        NonFiniteLossError,
+        StopOnNonFiniteLossCallback,
+        add_longlora_callbacks,
+    )
 
     torch.manual_seed(0)
     model = get_longlora_model(
@@ -603,7 +607,7 @@ def test_explicit_keys_come_from_the_config_and_the_flags(tmp_path):
 @pytest.fixture(params=[True, False], ids=["native-bf16", "no-bf16"])
 def simulated_bf16(request, monkeypatch):
     """A CPU-only machine with (AVX-512 BF16) or without (AVX2) native bf16."""
-    from hf_longlora import training
+    from hf_longlora.training import recipe as training
 
     monkeypatch.setattr(training, "bf16_supported", lambda: request.param)
     monkeypatch.setattr(training, "accelerator_available", lambda: False)
@@ -651,7 +655,7 @@ def test_recipe_precision_defaults(simulated_bf16):
 def test_recipe_keeps_use_cpu_off_where_there_is_a_gpu(monkeypatch):
     from transformers import HfArgumentParser, TrainingArguments
 
-    from hf_longlora import training
+    from hf_longlora.training import recipe as training
 
     monkeypatch.setattr(training, "accelerator_available", lambda: True)
     monkeypatch.setattr(training, "bf16_supported", lambda: True)

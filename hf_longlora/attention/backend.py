@@ -98,7 +98,7 @@ class _LayoutCache:
 _layout_cache = _LayoutCache()
 
 # How many attention calls took each path since import: "s2" (S2-Attn) or "full" (sdpa). Read by
-# hf_longlora.callbacks.S2StateCallback to show that training steps use S2 and evaluation uses full attention.
+# hf_longlora.training.callbacks.S2StateCallback to show that training steps use S2 and evaluation uses full attention.
 ATTENTION_CALLS = {"s2": 0, "full": 0}
 
 

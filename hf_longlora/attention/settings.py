@@ -87,29 +87,42 @@ def install_config_knobs() -> None:
             setattr(PreTrainedConfig, name, _knob_property(name, default, check))
 
 
-_UNSET: Any = object()
+class _Unchanged:
+    """The default of :func:`configure_s2`'s knobs: leave the config's current value as it is."""
+
+    def __repr__(self) -> str:
+        return "UNCHANGED"
+
+
+UNCHANGED: Any = _Unchanged()
 
 
 def configure_s2(
     model_or_config: torch.nn.Module | PreTrainedConfig,
     *,
-    group_size_ratio: float = _UNSET,
-    group_size: int | None = _UNSET,
-    shift: str = _UNSET,
+    group_size_ratio: float = UNCHANGED,
+    group_size: int | None = UNCHANGED,
+    shift: str = UNCHANGED,
 ) -> S2Settings:
     """Set S2-Attn knobs on a model (every config its modules use, e.g. a composite model's text config) or
-    on a config. Arguments left out keep their current value. All values are validated before anything is
-    changed; returns the resulting settings.
+    on a config. Arguments left out (``UNCHANGED``) keep their current value; a config nobody configured has
+    ``group_size_ratio=0.25``, ``group_size=None``, ``shift="partition"``. All values are validated before
+    anything is changed; returns the resulting settings.
+
+    Args:
+        group_size_ratio: G = int(L * ratio) for a sequence (document) of L tokens, a float in (0, 1].
+        group_size: a fixed G (int >= 2) that overrides the ratio; None goes back to the ratio.
+        shift: ``"partition"`` (causal, shifted groups) or ``"roll"`` (the paper's Algorithm 1).
 
     Example:
         >>> configure_s2(model, group_size=8192)  # LongLoRA's SFT recipe: a fixed group of 8192 tokens
     """
     updates = {}
-    if group_size_ratio is not _UNSET:
+    if group_size_ratio is not UNCHANGED:
         updates["s2_group_size_ratio"] = _check_group_size_ratio(group_size_ratio)
-    if group_size is not _UNSET:
+    if group_size is not UNCHANGED:
         updates["s2_group_size"] = _check_group_size(group_size)
-    if shift is not _UNSET:
+    if shift is not UNCHANGED:
         updates["s2_shift"] = _check_shift(shift)
 
     if isinstance(model_or_config, PreTrainedConfig):

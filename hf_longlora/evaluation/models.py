@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from ..context import context_length as current_context_length
-from ..context import extend_context, original_context_length
-from ..offline import resolve_model_path
+from ..adapters.context import context_length as current_context_length
+from ..adapters.context import extend_context, original_context_length
+from ..adapters.smollm2 import resolve_model_path
 
 
 @dataclass
@@ -44,7 +44,7 @@ def _tokenizer_for(*candidates: str):
 def tokenizer_for(path: str, base: str | None = None):
     """The tokenizer of what ``path`` names: its own files, else (for an adapter) its base's."""
     if is_adapter_dir(path):
-        from ..peft_config import LongLoraConfig
+        from ..adapters.config import LongLoraConfig
 
         base = base or LongLoraConfig.from_pretrained(path).base_model_name_or_path
         if not base:
@@ -73,8 +73,8 @@ def load_for_evaluation(
             ``rope_method`` (position interpolation by default): "position interpolation alone" baselines.
         dtype: weights dtype (default: the checkpoint's).
     """
-    from ..adapter import load_adapter
-    from ..peft_config import LongLoraConfig
+    from ..adapters.config import LongLoraConfig
+    from ..adapters.lifecycle import load_adapter
 
     kwargs = {"dtype": dtype} if dtype is not None else {}
     if is_adapter_dir(path):

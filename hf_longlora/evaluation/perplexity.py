@@ -75,10 +75,10 @@ def window_losses(
 ) -> list[float]:
     """Mean next-token loss of each window ``stream[s : s + length]`` (full attention: the model in eval mode).
 
-    The LM head and cross-entropy run a chunk of tokens at a time (:mod:`hf_longlora.loss`), so the full
+    The LM head and cross-entropy run a chunk of tokens at a time (:mod:`hf_longlora.training.loss`), so the full
     ``(batch, length, vocab)`` logits never exist: an 8k window of a 49k-vocabulary model would need 3 GiB for them.
     """
-    from ..loss import chunked_causal_lm_loss, supports_chunked_loss
+    from ..training.loss import chunked_causal_lm_loss, supports_chunked_loss
 
     device = next(model.parameters()).device
     data = torch.tensor(stream, dtype=torch.long)

@@ -18,7 +18,7 @@ from .passkey import DEFAULT_DEPTHS, mean_accuracy, passkey_accuracy
 from .perplexity import DEFAULT_STRIDE, PERPLEXITY_MODES, perplexity, token_stream, window_starts
 
 RESULTS_FILE = "eval.json"
-SUMMARY_FILE = "eval_summary.json"  # the short form model cards read (see hf_longlora.hub)
+SUMMARY_FILE = "eval_summary.json"  # the short form model cards read (see hf_longlora.adapters.hub)
 
 
 @dataclass

@@ -14,7 +14,7 @@ from typing import Any
 
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData
 
-from .peft_config import LongLoraConfig
+from .config import LongLoraConfig
 
 TAGS = ["longlora", "s2-attn", "lora", "peft", "text-generation"]
 EVAL_SUMMARY_FILES = ("eval_summary.json", "summary.json")
@@ -161,18 +161,33 @@ def push_to_hub(
     folder: str | Path,
     repo_id: str,
     *,
-    private: bool = False,
+    token: str | bool | None = None,
+    private: bool | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    commit_message: str = "Upload LongLoRA model",
+    commit_description: str | None = None,
     merged: bool = False,
     base_model: str | None = None,
-    commit_message: str = "Upload LongLoRA model",
     api: HfApi | None = None,
 ) -> str:
     """Upload an adapter directory (or a merged checkpoint, ``merged=True``) with its model card, in one commit.
 
     The files are uploaded from where they are (no copy) with the generated README.md added; the folder itself is not
     modified. Training checkpoints (``checkpoint-*``), TensorBoard ``runs`` and hidden files are left out.
-    ``private`` applies when the repository is created; an existing repository keeps its visibility.
-    Returns the commit URL.
+
+    Args:
+        folder: the adapter directory (``save_pretrained``'s output) or, with ``merged=True``, a merged model.
+        repo_id: ``ORG/NAME`` on the Hub.
+        token, private, revision, create_pr, commit_message, commit_description: as in ``huggingface_hub``
+            (``HfApi.create_repo`` / ``create_commit``). ``private`` applies when the repository is created (None:
+            the account's default); ``revision`` is a branch, created from main if it does not exist (unless
+            ``create_pr``, which opens a pull request against it).
+        merged: the folder is a merged model (``library_name: transformers`` in the card).
+        base_model: the base model's Hub id for the card (default: the one recorded in the adapter).
+        api: the ``HfApi`` to use (default: a new one with ``token``).
+
+    Returns the commit URL (the pull request's with ``create_pr``).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -197,9 +212,20 @@ def push_to_hub(
         )
     ]
     operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card).encode("utf-8")))
-    api = api or HfApi()
-    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    api = api or HfApi(token=token)
+    api.create_repo(repo_id, token=token, private=private, exist_ok=True, repo_type="model")
+    if revision is not None and not create_pr:
+        api.create_branch(repo_id, branch=revision, token=token, repo_type="model", exist_ok=True)
     commit = api.create_commit(
-        repo_id=repo_id, repo_type="model", operations=operations, commit_message=commit_message
+        repo_id=repo_id,
+        repo_type="model",
+        operations=operations,
+        commit_message=commit_message,
+        commit_description=commit_description,
+        token=token,
+        revision=revision,
+        create_pr=create_pr,
     )
+    if create_pr and getattr(commit, "pr_url", None):
+        return str(commit.pr_url)
     return str(getattr(commit, "commit_url", commit))

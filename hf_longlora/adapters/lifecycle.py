@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -16,10 +17,10 @@ from peft import PeftModel, get_peft_model
 from safetensors import SafetensorError, safe_open
 from transformers import PreTrainedModel
 
-from .attention import S2Settings
+from ..attention import S2Settings
+from .config import LongLoraConfig
 from .context import context_length, original_context_length
 from .loading import load_model
-from .peft_config import LongLoraConfig
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _NORM_CLASS_SUFFIXES = ("RMSNorm", "LayerNorm", "GroupNorm")
@@ -52,17 +53,44 @@ def _ties_embeddings(model: PreTrainedModel) -> bool:
 
 
 def get_longlora_model(
-    model: PreTrainedModel, config: LongLoraConfig | None = None, adapter_name: str = "default"
+    model: PreTrainedModel,
+    peft_config: LongLoraConfig | None = None,
+    adapter_name: str = "default",
+    mixed: bool = False,
+    autocast_adapter_dtype: bool = True,
+    revision: str | None = None,
+    low_cpu_mem_usage: bool = False,
+    *,
+    config: LongLoraConfig | None = None,
 ) -> PeftModel:
     """Wrap ``model`` for LongLoRA training: LoRA on the attention projections, embeddings and norms trained in full.
 
+    The signature is ``peft.get_peft_model``'s and every keyword after ``peft_config`` goes to it unchanged; on top,
+    the context extension is recorded in the adapter config and tied embeddings stay tied.
+
+    Args:
+        model: the base model (after :func:`extend_context` / :func:`load_model` for a longer context).
+        peft_config: a :class:`LongLoraConfig` (default: ``LongLoraConfig()``, the paper's recipe). Not modified.
+        adapter_name, mixed, autocast_adapter_dtype, revision, low_cpu_mem_usage: as in ``peft.get_peft_model``.
+        config: the 0.1.0.dev0 name of ``peft_config`` (deprecated).
+
     Raises:
-        ValueError: the embedding or norm names in ``config`` match nothing, or some norm of the model would stay
-            frozen while ``trainable_norms`` is set.
+        ValueError: the embedding or norm names in ``peft_config`` match nothing, or some norm of the model would
+            stay frozen while ``trainable_norms`` is set.
     """
+    if config is not None:
+        if peft_config is not None:
+            raise TypeError("get_longlora_model: pass peft_config, not both peft_config and config")
+        warnings.warn(
+            "get_longlora_model(config=...) is deprecated: use peft_config=... (PEFT's name)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        peft_config = config
+    config = peft_config
     config = copy.deepcopy(config) if config is not None else LongLoraConfig()  # the caller's stays as it was
     if not isinstance(config, LongLoraConfig):
-        raise TypeError(f"config must be a LongLoraConfig, got {type(config).__name__}")
+        raise TypeError(f"peft_config must be a LongLoraConfig, got {type(config).__name__}")
     names = [name for name, _ in model.named_modules()]
     if config.trainable_embeddings:
         input_embeddings = model.get_input_embeddings()
@@ -95,7 +123,15 @@ def get_longlora_model(
         # PEFT then trains one tensor shared by the input embeddings and the tied output layer
         config.ensure_weight_tying = True
     record_context(config, model)
-    return get_peft_model(model, config, adapter_name=adapter_name)
+    return get_peft_model(
+        model,
+        config,
+        adapter_name=adapter_name,
+        mixed=mixed,
+        autocast_adapter_dtype=autocast_adapter_dtype,
+        revision=revision,
+        low_cpu_mem_usage=low_cpu_mem_usage,
+    )
 
 
 def _read_adapter_tensors_meta(adapter_dir: str) -> dict[str, tuple[int, ...]]:
@@ -154,7 +190,7 @@ def check_adapter_matches_base(model: torch.nn.Module, adapter_dir: str) -> None
 
 def restore_context(model: PreTrainedModel, config: LongLoraConfig) -> None:
     """Re-apply the context extension and S2 settings recorded in an adapter config to a base model."""
-    from .attention import configure_s2
+    from ..attention import configure_s2
     from .context import _rebuild_rotary_embeddings
 
     if config.s2_attention:

@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from .attention import S2_ATTENTION, configure_s2, register_s2_attention
+from ..attention import S2_ATTENTION, configure_s2, register_s2_attention
 from .context import ROPE_METHODS, extend_context
-from .offline import resolve_model_path
+from .smollm2 import resolve_model_path
 
 # kwargs of from_pretrained that locate or read the checkpoint, so the config must be read with them too
 _LOCATION_KWARGS = (
@@ -66,7 +66,7 @@ def load_model(
 
     Args:
         name_or_path: a local directory or Hub id (``gguf_file=`` works too); ``"smollm2"`` is the offline
-            SmolLM2-135M-Instruct (:func:`hf_longlora.offline.smollm2_checkpoint`).
+            SmolLM2-135M-Instruct (:func:`hf_longlora.adapters.smollm2.smollm2_checkpoint`).
         context_length: extend the context to this many tokens with :func:`hf_longlora.extend_context`
             (applied to the config before the weights load, so the rotary embeddings are built for it).
         rope_method: "linear" (position interpolation, the paper), "yarn" or "dynamic".

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hf_longlora import offline
+from hf_longlora.adapters import smollm2 as offline
 
 
 @pytest.fixture(scope="session")

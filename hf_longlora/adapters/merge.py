@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .adapter import load_adapter
+from .lifecycle import load_adapter
 
 LONGLORA_RECORD = "longlora_adapter_config.json"
 TOKENIZER_FILES = (

@@ -29,7 +29,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.utils import logging
 
-from .attention.backend import ATTENTION_CALLS
+from ..attention.backend import ATTENTION_CALLS
 
 logger = logging.get_logger(__name__)
 
@@ -191,8 +191,8 @@ class LongContextEvalCallback(TrainerCallback):
 
     @torch.no_grad()
     def evaluate(self, model) -> dict[str, float]:
-        from .evaluation.passkey import mean_accuracy, passkey_accuracy
-        from .evaluation.perplexity import perplexity
+        from ..evaluation.passkey import mean_accuracy, passkey_accuracy
+        from ..evaluation.perplexity import perplexity
 
         was_training = model.training
         model.eval()  # full attention
@@ -285,3 +285,43 @@ def add_longlora_callbacks(trainer, callbacks: Sequence[TrainerCallback]) -> Non
     """Put ``callbacks`` first in the trainer's handler, so reporters see the metrics they add to the logs."""
     for callback in reversed(list(callbacks)):
         trainer.callback_handler.callbacks.insert(0, callback)
+
+
+def _held_out_tokens(paths: list[str], tokenizer, needed: int) -> list[list[int]]:
+    """Tokenized documents of ``long_eval_corpus`` ('stdlib' or files), read until ``needed`` tokens."""
+    from ..data import read_text_corpus, stdlib_documents, tokenize_documents
+
+    documents = stdlib_documents() if paths == ["stdlib"] else read_text_corpus(paths)
+    token_ids: list[list[int]] = []
+    for document in documents:
+        token_ids += tokenize_documents(tokenizer, [document])
+        if sum(map(len, token_ids)) >= needed:
+            break
+    return token_ids
+
+
+def build_callbacks(longlora_args, tokenizer, eval_token_ids) -> list:
+    """The callbacks of a training run: non-finite-loss stop, throughput/memory, S2 state, and the long-context
+    evaluation when ``long_eval_lengths`` or ``passkey_lengths`` are set (``longlora_args``: LongLoraArguments)."""
+    callbacks = [StopOnNonFiniteLossCallback(), ThroughputMemoryCallback(), S2StateCallback()]
+    lengths = longlora_args.long_eval_lengths or []
+    passkeys = longlora_args.passkey_lengths or []
+    if lengths or passkeys:
+        if lengths and not eval_token_ids and longlora_args.long_eval_corpus:
+            # the callback scores up to 4 windows per length
+            eval_token_ids = _held_out_tokens(longlora_args.long_eval_corpus, tokenizer, 4 * max(lengths))
+        if lengths and not eval_token_ids:
+            raise ValueError(
+                "long_eval_lengths needs held-out documents: set long_eval_corpus (files or 'stdlib'), or "
+                "eval_documents > 0 with train"
+            )
+        callbacks.append(
+            LongContextEvalCallback(
+                eval_token_ids,
+                lengths,
+                tokenizer=tokenizer,
+                passkey_lengths=passkeys,
+                eval_steps=longlora_args.long_eval_steps,
+            )
+        )
+    return callbacks

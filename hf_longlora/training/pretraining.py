@@ -1,0 +1,101 @@
+"""Continued pretraining on long documents (LongLoRA's first stage) with transformers' Trainer and the chunked loss.
+
+Everything that can be checked is checked before the model loads; the corpus is tokenized and packed into blocks of
+the target context.
+"""
+
+from __future__ import annotations
+
+from transformers import AutoTokenizer
+
+from ..adapters.smollm2 import resolve_model_path
+from .arguments import CorpusArguments, LongLoraArguments, resume_arg
+from .callbacks import add_longlora_callbacks, build_callbacks
+from .checks import check_context_extension, check_no_sequence_parallelism, check_optimizer
+from .loss import ChunkedLossTrainer
+from .model import load_for_training
+from .recipe import scale_recipe
+
+
+def run_pretraining(
+    model_args,
+    corpus_args: CorpusArguments,
+    longlora_args: LongLoraArguments,
+    training_args,
+    recipe_explicit: set[str] | None = None,
+):
+    """Continued pretraining on long documents packed into blocks of the target context (LongLoRA's first stage).
+
+    ``recipe_explicit``: the keys the user set (the CLI passes them); when given, the other recipe defaults are
+    scaled to the model with :func:`scale_recipe`."""
+    from datasets import Dataset, load_dataset
+    from transformers import default_data_collator
+
+    from ..data import pack_documents, read_text_corpus, stdlib_documents, tokenize_documents
+
+    check_no_sequence_parallelism(training_args)
+    check_optimizer(training_args, model_args.load_in_4bit)
+    if not model_args.model_name_or_path:
+        raise ValueError("model_name_or_path is required")
+    model_args.model_name_or_path = resolve_model_path(model_args.model_name_or_path)
+    target = check_context_extension(
+        model_args.model_name_or_path, longlora_args, revision=model_args.model_revision
+    )
+    if recipe_explicit is not None:
+        scale_recipe("train", recipe_explicit, model_args, longlora_args, training_args, target)
+    sources = [
+        corpus_args.corpus is not None and len(corpus_args.corpus) > 0,
+        corpus_args.dataset_name is not None,
+    ]
+    if sum(sources) != 1:
+        raise ValueError("give exactly one of corpus (files, or 'stdlib') and dataset_name")
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_args.model_name_or_path, revision=model_args.model_revision
+    )
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token to join documents with")
+    if corpus_args.dataset_name is not None:
+        dataset = load_dataset(corpus_args.dataset_name, split=corpus_args.dataset_split)
+        if corpus_args.text_field not in dataset.column_names:
+            raise ValueError(
+                f"dataset {corpus_args.dataset_name!r} has no {corpus_args.text_field!r} field "
+                f"(columns: {dataset.column_names}); set text_field"
+            )
+        documents = [t for t in dataset[corpus_args.text_field] if t and t.strip()]
+    elif corpus_args.corpus == ["stdlib"]:
+        documents = stdlib_documents()
+    else:
+        documents = read_text_corpus(corpus_args.corpus, text_field=corpus_args.text_field)
+    if corpus_args.max_documents is not None:
+        documents = documents[: corpus_args.max_documents]
+    if not documents:
+        raise ValueError("the corpus is empty")
+    n_eval = corpus_args.eval_documents
+    if n_eval >= len(documents):
+        raise ValueError(
+            f"eval_documents={n_eval} leaves no training documents (corpus has {len(documents)})"
+        )
+    eval_ids = tokenize_documents(tokenizer, documents[len(documents) - n_eval :]) if n_eval else []
+    train_ids = tokenize_documents(tokenizer, documents[: len(documents) - n_eval])
+    blocks = pack_documents(
+        train_ids, target, tokenizer.eos_token_id, document_boundaries=corpus_args.document_boundaries
+    )
+    if not blocks:
+        total = sum(len(t) + 1 for t in train_ids)
+        raise ValueError(f"the corpus has {total} tokens, fewer than one block of context_length={target}")
+    callbacks = build_callbacks(longlora_args, tokenizer, eval_ids)
+
+    model = load_for_training(model_args, longlora_args, training_args, target)
+    model.peft_config["default"].training_data = [corpus_args.dataset_name or ",".join(corpus_args.corpus)]
+    # the loss in chunks of the sequence: no (seq, vocab) logits (TRL's SFTTrainer does the same for run_sft)
+    trainer = ChunkedLossTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=Dataset.from_list(blocks),
+        data_collator=default_data_collator,
+        processing_class=tokenizer,
+    )
+    add_longlora_callbacks(trainer, callbacks)
+    trainer.train(resume_from_checkpoint=resume_arg(training_args))
+    trainer.save_model(training_args.output_dir)
+    return trainer
