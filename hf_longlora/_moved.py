@@ -1,6 +1,6 @@
 """The module paths of 0.1.0.dev0's flat layout, importable for one more release with a DeprecationWarning.
 
-``import hf_longlora.training.loss`` gives the very module ``hf_longlora.training.loss`` (the same object, so patches and
+``import hf_longlora.loss`` gives the very module ``hf_longlora.training.loss`` (the same object, so patches and
 ``isinstance`` checks agree). Nothing in the package imports these paths; the finder is installed on import.
 """
 

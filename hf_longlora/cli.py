@@ -1,4 +1,5 @@
-"""The ``hf-longlora`` command line.
+"""The ``hf-longlora`` command line: the only module that parses command lines; everything it runs lives below it
+(adapters, training, evaluation, data), and nothing below imports it.
 
 hf-longlora eval --model PATH [--model LABEL=PATH ...] --data FILES|stdlib --lengths N [N ...] [--out DIR]
 hf-longlora merge --base BASE --adapter DIR --out DIR [--overwrite] [--from-4bit] [--dtype bf16]

@@ -5,6 +5,9 @@
 - :mod:`.flash`: the same on flash-attn 2 (CUDA);
 - :mod:`.settings`: the ``s2_*`` config knobs and :func:`configure_s2`;
 - :mod:`.backend`: the ``s2_attention`` AttentionInterface function and its registration.
+
+This package imports nothing else of hf_longlora: it knows tensors, masks and transformers' attention API, not
+adapters, training or evaluation (``tests/test_layout.py`` checks it).
 """
 
 from .backend import S2_ATTENTION, register_s2_attention, s2_attention_forward

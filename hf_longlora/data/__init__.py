@@ -1,4 +1,8 @@
-"""Data for long-context training: offline corpora, packing into blocks, LongAlpaca records, passkey prompts."""
+"""Data for long-context training: offline corpora, packing into blocks, LongAlpaca records, passkey prompts.
+
+Plain text and token ids in, records out: it knows no model, adapter or trainer, and imports nothing else of
+hf_longlora.
+"""
 
 from .corpora import pydoc_topics_text, read_text_corpus, stdlib_documents
 from .longalpaca_sample import build_longalpaca_sample

@@ -6,6 +6,9 @@
 - :func:`load_for_evaluation`: a base model (optionally position-interpolated), an adapter or a merged model;
 - :func:`evaluate_models`: several models side by side on the same windows and prompts, with JSON, a table and
   PNG plots (``hf-longlora eval`` on the command line).
+
+It reads models from any stage (base, adapter, merged) through ``hf_longlora.adapters`` and scores them with
+the chunked loss of ``hf_longlora.training.loss``; it trains nothing and parses no command lines.
 """
 
 from .models import EvalModel, load_for_evaluation
