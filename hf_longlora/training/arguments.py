@@ -6,12 +6,23 @@ They validate their own values; they know nothing of models, trainers or the rec
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from ..adapters.context import ROPE_METHODS
 from ..attention.settings import S2Settings
 
 OVERLONG_POLICIES = ("drop", "truncate")
+
+
+def as_list(value):
+    """A single value where a list is expected (``corpus: stdlib``, ``data_files: x.jsonl``, ``passkey_lengths:
+    1024`` in a YAML) is a one-item list, never a string read one character at a time."""
+    if value is None or isinstance(value, list):
+        return value
+    if isinstance(value, (str, bytes, int, float, os.PathLike)):
+        return [value]
+    return list(value)
 
 
 @dataclass
@@ -51,7 +62,18 @@ class LongLoraArguments:
         },
     )
 
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Train into an output_dir that holds another run's checkpoints (they are deleted first); "
+            "without it such a run is refused unless resume_from_checkpoint is set."
+        },
+    )
+
     def __post_init__(self) -> None:
+        self.long_eval_lengths = as_list(self.long_eval_lengths)
+        self.passkey_lengths = as_list(self.passkey_lengths)
+        self.long_eval_corpus = as_list(self.long_eval_corpus)
         if self.rope_method not in ROPE_METHODS:
             raise ValueError(f"rope_method must be one of {ROPE_METHODS}, got {self.rope_method!r}")
         if self.context_length is not None and self.context_length < 2:
@@ -85,6 +107,13 @@ class CorpusArguments:
     )
     max_documents: int | None = field(default=None, metadata={"help": "Use at most this many documents."})
 
+    def __post_init__(self) -> None:
+        self.corpus = as_list(self.corpus)
+        if self.max_documents is not None and self.max_documents < 1:
+            raise ValueError(f"max_documents must be >= 1, got {self.max_documents}")
+        if self.eval_documents < 0:
+            raise ValueError(f"eval_documents must be >= 0, got {self.eval_documents}")
+
 
 @dataclass
 class SFTDataArguments:
@@ -109,6 +138,7 @@ class SFTDataArguments:
     )
 
     def __post_init__(self) -> None:
+        self.data_files = as_list(self.data_files)
         if self.prompt_format not in ("llama2", "chat_template"):
             raise ValueError(f"prompt_format must be 'llama2' or 'chat_template', got {self.prompt_format!r}")
         if self.overlong_policy not in OVERLONG_POLICIES:

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
+from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoConfig
@@ -56,3 +59,79 @@ def check_context_extension(
     target = longlora_args.context_length or config.get_text_config().max_position_embeddings
     extend_context(copy.deepcopy(config), target, longlora_args.rope_method)
     return target
+
+
+# Keys of TRL's ModelConfig / ScriptArguments / DatasetMixtureConfig that hf-longlora's commands do not apply: set
+# by the user to anything but their default, they are refused (never silently ignored). The value is what to do.
+UNSUPPORTED_KEYS: dict[str, tuple[Any, str]] = {
+    "use_peft": (
+        True,
+        "LongLoRA always trains a PEFT adapter; for full fine-tuning use `trl sft` without use_peft",
+    ),
+    "load_in_8bit": (False, "8-bit bases are not supported; use load_in_4bit: true (QLoRA's NF4)"),
+    "bnb_4bit_quant_type": ("nf4", "the 4-bit base is always QLoRA's NF4"),
+    "use_bnb_nested_quant": (True, "the 4-bit base always uses QLoRA's double quantisation"),
+    "dataset_streaming": (
+        False,
+        "the SFT data is read whole (records are measured and counted before training)",
+    ),
+    "streaming": (False, "the SFT data is read whole (records are measured and counted before training)"),
+    "ignore_bias_buffers": (False, "not applied by hf-longlora sft"),
+    "dataset_test_split": (
+        "test",
+        "hf-longlora sft trains only; evaluate with long_eval_lengths or hf-longlora eval",
+    ),
+    "test_split_size": (
+        None,
+        "hf-longlora sft trains only; evaluate with long_eval_lengths or hf-longlora eval",
+    ),
+}
+
+
+def check_supported_keys(explicit: set[str] | None, *parsed_args) -> None:
+    """Refuse keys the user set that the command would not apply (``explicit``: the keys set in the YAML or as
+    flags; None skips the check, as for Python callers who build the dataclasses themselves)."""
+    if explicit is None:
+        return
+    for key in sorted(explicit & set(UNSUPPORTED_KEYS)):
+        allowed, why = UNSUPPORTED_KEYS[key]
+        values = [getattr(a, key) for a in parsed_args if hasattr(a, key)]
+        if values and values[0] != allowed:
+            raise ValueError(f"{key}={values[0]!r} is not supported: {why}")
+
+
+def check_steps(training_args, explicit: set[str] | None = None) -> None:
+    """``max_steps`` counts optimizer steps (the recipe: 1000). -1 is transformers' "train num_train_epochs
+    instead", accepted when num_train_epochs is set (or when the caller does not say which keys were set)."""
+    steps = training_args.max_steps
+    if steps == -1 and (explicit is None or "num_train_epochs" in explicit):
+        return
+    if steps < 1:
+        raise ValueError(
+            f"max_steps must be >= 1, got {steps} (LongLoRA's recipe trains 1000 steps; to train by epochs set "
+            "num_train_epochs with max_steps: -1)"
+        )
+
+
+def stale_checkpoints(training_args, longlora_args) -> list[Path]:
+    """The ``checkpoint-*`` folders another run left in ``output_dir``. Refused unless the user resumes
+    (``resume_from_checkpoint``) or asks to replace them (``overwrite_output_dir``); returns those to delete."""
+    out = Path(training_args.output_dir)
+    found = sorted(p for p in out.glob("checkpoint-*") if p.is_dir()) if out.is_dir() else []
+    if not found or training_args.resume_from_checkpoint not in (None, False, "", "false", "False"):
+        return []
+    if not getattr(longlora_args, "overwrite_output_dir", False):
+        names = ", ".join(p.name for p in found[:3]) + (", ..." if len(found) > 3 else "")
+        raise ValueError(
+            f"output_dir {str(out)!r} holds another run's checkpoints ({names}): set resume_from_checkpoint: true "
+            "to continue that run, overwrite_output_dir: true to delete them and start again, or choose another "
+            "output_dir"
+        )
+    return found
+
+
+def remove_stale_checkpoints(paths: list[Path], training_args) -> None:
+    """Delete what :func:`stale_checkpoints` returned (once, on the main process), right before training."""
+    if paths and training_args.process_index == 0:
+        for path in paths:
+            shutil.rmtree(path, ignore_errors=True)

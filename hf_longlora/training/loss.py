@@ -33,6 +33,8 @@ from peft.utils import ModulesToSaveWrapper
 from torch.utils.checkpoint import checkpoint
 from transformers import Trainer
 
+from .schedule import FirstStepLearnsMixin
+
 IGNORE_INDEX = -100
 DEFAULT_CHUNK_SIZE = 1024
 # config attributes that change the logits after the LM head: the plain loss is used for such models
@@ -233,7 +235,7 @@ def causal_lm_loss(
     )
 
 
-class ChunkedLossTrainer(Trainer):
+class ChunkedLossTrainer(FirstStepLearnsMixin, Trainer):
     """transformers' ``Trainer`` whose causal-LM loss never holds the whole sequence's logits.
 
     Same loss, gradients and gradient-accumulation semantics as ``Trainer.compute_loss`` (``num_items_in_batch``,

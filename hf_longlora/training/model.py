@@ -15,13 +15,17 @@ from .arguments import LongLoraArguments
 
 
 def longlora_config_from(model_args, longlora_args: LongLoraArguments) -> LongLoraConfig:
+    """The LongLoraConfig of TRL's ModelConfig (``lora_*``, ``use_rslora``, ``use_dora``) and LongLoRA's knobs."""
     targets = model_args.lora_target_modules or list(DEFAULT_TARGET_MODULES)
     return LongLoraConfig(
         r=model_args.lora_r,
         lora_alpha=model_args.lora_alpha,
         lora_dropout=model_args.lora_dropout,
         target_modules=[targets] if isinstance(targets, str) and targets != "all-linear" else targets,
+        target_parameters=getattr(model_args, "lora_target_parameters", None),
         modules_to_save=model_args.lora_modules_to_save,
+        use_rslora=bool(getattr(model_args, "use_rslora", False)),
+        use_dora=bool(getattr(model_args, "use_dora", False)),
         trainable_embeddings=longlora_args.trainable_embeddings,
         trainable_norms=longlora_args.trainable_norms,
     )

@@ -11,7 +11,15 @@ from transformers import AutoTokenizer
 from ..adapters.smollm2 import resolve_model_path
 from .arguments import CorpusArguments, LongLoraArguments, resume_arg
 from .callbacks import add_longlora_callbacks, build_callbacks
-from .checks import check_context_extension, check_no_sequence_parallelism, check_optimizer
+from .checks import (
+    check_context_extension,
+    check_no_sequence_parallelism,
+    check_optimizer,
+    check_steps,
+    check_supported_keys,
+    remove_stale_checkpoints,
+    stale_checkpoints,
+)
 from .loss import ChunkedLossTrainer
 from .model import load_for_training
 from .recipe import scale_recipe
@@ -34,6 +42,9 @@ def run_pretraining(
     from ..data import pack_documents, read_text_corpus, stdlib_documents, tokenize_documents
 
     check_no_sequence_parallelism(training_args)
+    check_supported_keys(recipe_explicit, model_args, corpus_args, longlora_args)
+    check_steps(training_args, recipe_explicit)
+    stale = stale_checkpoints(training_args, longlora_args)
     check_optimizer(training_args, model_args.load_in_4bit)
     if not model_args.model_name_or_path:
         raise ValueError("model_name_or_path is required")
@@ -96,6 +107,7 @@ def run_pretraining(
         processing_class=tokenizer,
     )
     add_longlora_callbacks(trainer, callbacks)
+    remove_stale_checkpoints(stale, training_args)
     trainer.train(resume_from_checkpoint=resume_arg(training_args))
     trainer.save_model(training_args.output_dir)
     return trainer

@@ -11,9 +11,17 @@ from transformers import AutoTokenizer
 from ..adapters.smollm2 import resolve_model_path
 from .arguments import SFTDataArguments, resume_arg
 from .callbacks import add_longlora_callbacks, build_callbacks
-from .checks import check_context_extension, check_no_sequence_parallelism
+from .checks import (
+    check_context_extension,
+    check_no_sequence_parallelism,
+    check_steps,
+    check_supported_keys,
+    remove_stale_checkpoints,
+    stale_checkpoints,
+)
 from .model import load_for_training
 from .recipe import scale_recipe
+from .schedule import sft_trainer_class
 
 LLAMA2_PROMPT = "[INST] {instruction} [/INST]"
 
@@ -117,9 +125,10 @@ def run_sft(
     """Supervised fine-tuning on LongAlpaca-format data through TRL's SFTTrainer (LongLoRA's second stage).
 
     ``recipe_explicit``: as in :func:`run_pretraining`."""
-    from trl import SFTTrainer
-
     check_no_sequence_parallelism(training_args)
+    check_supported_keys(recipe_explicit, script_args, model_args, dataset_args, longlora_args, data_args)
+    check_steps(training_args, recipe_explicit)
+    stale = stale_checkpoints(training_args, longlora_args)
     if not model_args.model_name_or_path:
         raise ValueError("model_name_or_path is required")
     model_args.model_name_or_path = resolve_model_path(model_args.model_name_or_path)
@@ -149,8 +158,11 @@ def run_sft(
     model.peft_config["default"].training_data = [
         ",".join(data_args.data_files) if data_args.data_files else str(script_args.dataset_name)
     ]
-    trainer = SFTTrainer(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer)
+    trainer = sft_trainer_class()(
+        model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer
+    )
     add_longlora_callbacks(trainer, callbacks)
+    remove_stale_checkpoints(stale, training_args)
     trainer.train(resume_from_checkpoint=resume_arg(training_args))
     trainer.save_model(training_args.output_dir)
     return trainer, counts

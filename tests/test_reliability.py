@@ -1,0 +1,257 @@
+"""Mistakes users make, each found by trying it: inputs read the way users write them, keys that take effect or are
+refused, runs that never waste a step, output folders that are never mixed. See docs/reliability.md."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import make_tiny_checkpoint
+from safetensors.torch import load_file
+
+from hf_longlora import cli
+from hf_longlora.training import pretraining, sft
+from hf_longlora.training.schedule import warmup_factor
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", max_position_embeddings=64)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    folder = tmp_path_factory.mktemp("corpus")
+    for name in ("argparse.py", "typing.py"):
+        (folder / (name[:-3] + ".txt")).write_text((root / name).read_text(encoding="utf-8"))
+    return folder
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Proof that a run failed before loading: loading the model raises instead of loading."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(pretraining, "load_for_training", refuse)
+    monkeypatch.setattr(sft, "load_for_training", refuse)
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def parse(command: str, tmp_path: Path, config: dict, *flags: str):
+    argv = ["--config", str(write_yaml(tmp_path / "c.yaml", config)), *flags]
+    *parsed, config_rest, cli_rest = cli.training_parser(
+        command, cli._explicit_keys(argv)
+    ).parse_args_and_config(argv, return_remaining_strings=True, separate_remaining_strings=True)
+    assert config_rest == [] and cli_rest == []
+    return parsed
+
+
+def train_config(tmp_path, checkpoint, corpus, **overrides) -> dict:
+    config = {
+        "model_name_or_path": str(checkpoint),
+        "corpus": [str(corpus)],
+        "context_length": 128,
+        "max_steps": 2,
+        "gradient_accumulation_steps": 1,
+        "learning_rate": 0.002,
+        "save_steps": 100,
+        "output_dir": str(tmp_path / "out"),
+        "dtype": "float32",
+    }
+    config.update(overrides)
+    return config
+
+
+def run_train(tmp_path, config, capsys, *flags) -> tuple[int, str, str]:
+    code = cli.main(["train", "--config", str(write_yaml(tmp_path / "train.yaml", config)), *flags])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+# ------------------------------------------------------------------------------ a single value where a list goes
+
+
+def test_single_values_where_lists_are_expected(tmp_path):
+    """`corpus: stdlib`, `corpus: /data/`, `data_files: x.jsonl`, `passkey_lengths: 1024` are one-item lists (they
+    used to be read one character at a time: `corpus: /x/` walked the filesystem from `/`)."""
+    _, corpus_args, longlora_args, _ = parse(
+        "train",
+        tmp_path,
+        {"model_name_or_path": "m", "corpus": "stdlib", "long_eval_lengths": 1024, "passkey_lengths": 512},
+    )
+    assert corpus_args.corpus == ["stdlib"]
+    assert longlora_args.long_eval_lengths == [1024] and longlora_args.passkey_lengths == [512]
+    _, corpus_args, _, _ = parse("train", tmp_path, {"model_name_or_path": "m", "corpus": "/data/"})
+    assert corpus_args.corpus == ["/data/"]
+    parsed = parse(
+        "sft", tmp_path, {"model_name_or_path": "m", "data_files": "x.jsonl", "long_eval_corpus": "stdlib"}
+    )
+    assert parsed[5].data_files == ["x.jsonl"] and parsed[4].long_eval_corpus == ["stdlib"]
+    # lists stay lists
+    _, corpus_args, _, _ = parse("train", tmp_path, {"model_name_or_path": "m", "corpus": ["a", "b"]})
+    assert corpus_args.corpus == ["a", "b"]
+
+
+@pytest.mark.slow
+def test_a_single_corpus_directory_trains(tmp_path, tiny_checkpoint, corpus, capsys):
+    config = train_config(tmp_path, tiny_checkpoint, corpus) | {"corpus": str(corpus)}  # a string, not a list
+    code, out, err = run_train(tmp_path, config, capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["training_data"] == [
+        str(corpus)
+    ]
+
+
+# ------------------------------------------------------------------------- keys take effect or are refused
+
+
+def test_every_model_and_script_key_is_applied_or_refused():
+    """Each key of TRL's ModelConfig / ScriptArguments / DatasetMixtureConfig (shown in --help) is either read by
+    hf-longlora or in the refused table: a new TRL key fails this test until someone decides."""
+    import dataclasses
+
+    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments
+
+    from hf_longlora.training.checks import UNSUPPORTED_KEYS
+
+    applied = {
+        "model_name_or_path", "model_revision", "dtype", "attn_implementation", "lora_r", "lora_alpha",
+        "lora_dropout", "lora_target_modules", "lora_target_parameters", "lora_modules_to_save", "lora_task_type",
+        "use_rslora", "use_dora", "load_in_4bit", "bnb_4bit_quant_storage", "dataset_name", "dataset_config",
+        "dataset_train_split", "datasets",
+    }  # fmt: skip
+    keys = {
+        f.name for c in (ModelConfig, ScriptArguments, DatasetMixtureConfig) for f in dataclasses.fields(c)
+    }
+    assert keys - applied - set(UNSUPPORTED_KEYS) == set()
+    assert applied & set(UNSUPPORTED_KEYS) == set()
+
+
+def test_lora_variants_take_effect(tmp_path):
+    from hf_longlora.training import longlora_config_from
+
+    model_args, _, longlora_args, _ = parse(
+        "train",
+        tmp_path,
+        {"model_name_or_path": "m", "use_dora": True, "use_rslora": True, "lora_task_type": "CAUSAL_LM"},
+    )
+    config = longlora_config_from(model_args, longlora_args)
+    assert config.use_dora is True and config.use_rslora is True
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            {"load_in_8bit": True},
+            "load_in_8bit=True is not supported: 8-bit bases are not supported; use load_in_4bit",
+        ),
+        ({"use_peft": False}, "use_peft=False is not supported: LongLoRA always trains a PEFT adapter"),
+        ({"bnb_4bit_quant_type": "fp4"}, "bnb_4bit_quant_type='fp4' is not supported"),
+        ({"use_bnb_nested_quant": False}, "use_bnb_nested_quant=False is not supported"),
+        ({"max_steps": -5}, "max_steps must be >= 1, got -5"),
+        ({"max_steps": 0}, "max_steps must be >= 1, got 0"),
+        ({"max_steps": -1}, "to train by epochs set num_train_epochs with max_steps: -1"),
+    ],
+)
+def test_train_refuses_keys_it_would_ignore(
+    tmp_path, tiny_checkpoint, corpus, capsys, no_loading, extra, message
+):
+    code, _, err = run_train(tmp_path, train_config(tmp_path, tiny_checkpoint, corpus, **extra), capsys)
+    assert code == 2 and message in err, err
+
+
+def test_sft_refuses_keys_it_would_ignore(tmp_path, tiny_checkpoint, capsys, no_loading):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"instruction": "q", "output": "a"}) + "\n")
+    base = {
+        "model_name_or_path": str(tiny_checkpoint),
+        "data_files": str(data),
+        "output_dir": str(tmp_path / "o"),
+    }
+    for extra, message in (
+        ({"dataset_streaming": True}, "dataset_streaming=True is not supported"),
+        ({"dataset_test_split": "validation"}, "dataset_test_split='validation' is not supported"),
+        ({"load_in_8bit": True}, "load_in_8bit=True is not supported"),
+    ):
+        code = cli.main(["sft", "--config", str(write_yaml(tmp_path / "s.yaml", base | extra))])
+        assert code == 2 and message in capsys.readouterr().err, extra
+
+
+def test_max_steps_minus_one_means_epochs_when_epochs_are_set(tmp_path):
+    from hf_longlora.training.checks import check_steps
+
+    *_, training_args = parse(
+        "train", tmp_path, {"model_name_or_path": "m", "max_steps": -1, "num_train_epochs": 2}
+    )
+    check_steps(training_args, {"max_steps", "num_train_epochs"})  # accepted
+    check_steps(training_args, None)  # the Python API: transformers' convention
+    with pytest.raises(ValueError, match="max_steps must be >= 1"):
+        check_steps(training_args, {"max_steps"})
+
+
+# --------------------------------------------------------------------------------- every step learns
+
+
+def test_warmup_never_has_a_step_at_learning_rate_zero():
+    assert [round(warmup_factor(s, 3), 4) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert warmup_factor(0, 1) == 0.5 and warmup_factor(1, 1) == 1.0
+    assert all(warmup_factor(0, w) > 0 for w in range(1, 50))
+
+
+@pytest.mark.slow
+def test_one_step_run_trains(tmp_path, tiny_checkpoint, corpus, capsys):
+    """A 1-step run (recipe warmup scaled to 1 step) has a non-zero learning rate and saves a trained adapter
+    (LoRA's B starts at zero, so an untouched adapter has every lora_B == 0)."""
+    config = train_config(tmp_path, tiny_checkpoint, corpus, max_steps=1, save_steps=1)
+    code, out, err = run_train(tmp_path, config, capsys)
+    assert code == 0, err
+    assert "'warmup_steps': 1" in out
+    state = json.loads((tmp_path / "out" / "checkpoint-1" / "trainer_state.json").read_text())
+    step = [h for h in state["log_history"] if "loss" in h][0]
+    assert step["learning_rate"] == pytest.approx(0.002 * 0.5)
+    weights = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    lora_b = [v for k, v in weights.items() if "lora_B" in k]
+    assert lora_b and all(v.abs().max() > 0 for v in lora_b)
+
+
+# ------------------------------------------------------------------------ one run per output folder
+
+
+@pytest.mark.slow
+def test_output_dir_with_another_runs_checkpoints(tmp_path, tiny_checkpoint, corpus, capsys, monkeypatch):
+    """A second run into the same output_dir is refused (before loading), unless it resumes or overwrites."""
+    config = train_config(tmp_path, tiny_checkpoint, corpus, max_steps=2, save_steps=1)
+    assert run_train(tmp_path, config, capsys)[0] == 0
+    out = tmp_path / "out"
+    first = (out / "checkpoint-2" / "adapter_model.safetensors").read_bytes()
+    # refused, nothing touched, model never loaded
+    with monkeypatch.context() as m:
+        m.setattr(
+            pretraining, "load_for_training", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded"))
+        )
+        code, _, err = run_train(tmp_path, config | {"learning_rate": 0.01}, capsys)
+    assert code == 2 and "holds another run's checkpoints (checkpoint-1, checkpoint-2)" in err
+    assert "resume_from_checkpoint: true" in err and "overwrite_output_dir: true" in err
+    assert (out / "checkpoint-2" / "adapter_model.safetensors").read_bytes() == first
+    # resuming continues the run: 2 more steps after checkpoint-2
+    code, _, err = run_train(tmp_path, config | {"max_steps": 4, "resume_from_checkpoint": True}, capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == [f"checkpoint-{i}" for i in (1, 2, 3, 4)]
+    # overwriting deletes the old checkpoints and starts again
+    code, _, err = run_train(tmp_path, config | {"max_steps": 1, "overwrite_output_dir": True}, capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
+    state = json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())
+    assert state["global_step"] == 1 and state["max_steps"] == 1
