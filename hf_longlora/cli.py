@@ -12,9 +12,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
+# the dtype names every subcommand accepts (hf_longlora.adapters.loading.DTYPE_NAMES; kept here so --help imports
+# no torch)
+DTYPE_CHOICES = ("bf16", "bfloat16", "float16", "float32", "fp16", "fp32", "half")
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+def _dtype(name: str | None, flag: str = "--dtype"):
+    from .adapters.loading import parse_dtype
+
+    return parse_dtype(name, argument=flag)
 
 
 def _merge(args: argparse.Namespace) -> int:
@@ -26,7 +32,7 @@ def _merge(args: argparse.Namespace) -> int:
         args.out,
         overwrite=args.overwrite,
         from_4bit=args.from_4bit,
-        dtype=DTYPES[args.dtype] if args.dtype else None,
+        dtype=_dtype(args.dtype),
     )
     print(f"merged model saved to {out}")
     return 0
@@ -50,15 +56,42 @@ def _push(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_spec(text: str, context_length: int | None):
+class _ModelAction(argparse.Action):
+    """``--model`` appends a model; the ``--context-length`` and ``--rope-method`` after it apply to it alone."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        models = list(getattr(namespace, self.dest, None) or [])
+        models.append({"spec": values, "context_length": None, "rope_method": None})
+        setattr(namespace, self.dest, models)
+
+
+class _PerModelAction(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        models = getattr(namespace, "model", None)
+        if not models:
+            parser.error(f"{option_string} applies to the --model before it: put it after a --model")
+        models[-1][self.dest] = values
+
+
+def _model_spec(entry: dict, base: str | None):
     from .evaluation import ModelSpec
     from .evaluation.models import is_adapter_dir
 
-    label, sep, path = text.partition("=")
+    label, sep, path = entry["spec"].partition("=")
     if not sep:
-        label, path = None, text
-    # --context-length extends plain models (position interpolation alone); an adapter restores its own
-    return ModelSpec(path, label=label, context_length=None if is_adapter_dir(path) else context_length)
+        label, path = None, entry["spec"]
+    if entry["context_length"] is not None and is_adapter_dir(path):
+        raise ValueError(
+            f"--context-length after --model {entry['spec']}: an adapter restores the context it was trained at; "
+            "give --context-length to a plain model (position interpolation alone)"
+        )
+    return ModelSpec(
+        path,
+        label=label,
+        base=base,
+        context_length=entry["context_length"],
+        rope_method=entry["rope_method"] or "linear",
+    )
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -76,7 +109,7 @@ def _eval(args: argparse.Namespace) -> int:
         passkey_trials=args.passkey_trials,
         forgetting_length=args.forgetting_length,
         seed=args.seed,
-        dtype=DTYPES[args.dtype] if args.dtype else None,
+        dtype=_dtype(args.dtype),
         progress=not args.no_progress,
         extra={"data": args.data, "forgetting_data": args.forgetting_data or args.data},
     )
@@ -88,9 +121,7 @@ def _eval(args: argparse.Namespace) -> int:
         )
         return docs[: args.max_documents] if args.max_documents else docs
 
-    specs = [_model_spec(m, args.context_length) for m in args.model]
-    for spec in specs:
-        spec.base = args.base
+    specs = [_model_spec(m, args.base) for m in args.model]
     results = evaluate_models(
         specs,
         documents(args.data),
@@ -113,7 +144,7 @@ def _add_eval_parser(sub) -> None:
     )
     ev.add_argument(
         "--model",
-        action="append",
+        action=_ModelAction,
         required=True,
         help="model dir, Hub id, 'smollm2', merged model or adapter dir; LABEL=PATH names it; repeat to compare",
     )
@@ -123,8 +154,17 @@ def _add_eval_parser(sub) -> None:
     ev.add_argument(
         "--context-length",
         type=int,
+        action=_PerModelAction,
         default=None,
-        help="extend plain (non-adapter) models to this context with --rope-method first (PI-alone baseline)",
+        help="extend the --model before it (a plain model, not an adapter) to this context first: the "
+        "position-interpolation-alone baseline",
+    )
+    ev.add_argument(
+        "--rope-method",
+        choices=("linear", "yarn", "dynamic"),
+        action=_PerModelAction,
+        default=None,
+        help="how --context-length extends the --model before it (default linear: position interpolation)",
     )
     ev.add_argument(
         "--data",
@@ -159,7 +199,7 @@ def _add_eval_parser(sub) -> None:
     )
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument(
-        "--dtype", choices=sorted(DTYPES), default=None, help="weights dtype (default: checkpoint's)"
+        "--dtype", choices=DTYPE_CHOICES, default=None, help="weights dtype (default: checkpoint's)"
     )
     ev.add_argument(
         "--out", default="outputs/eval", help="directory for eval.json, eval_summary.json and plots"
@@ -192,6 +232,9 @@ def training_parser(command: str, explicit: set[str] | frozenset[str] = frozense
             SFTDataArguments,
         )
     parser = TrlParser(types, prog=f"hf-longlora {command}")
+    for action in parser._actions:
+        if action.dest == "dtype" and action.choices:  # the same dtype names as eval and merge
+            action.choices = sorted({*action.choices, *DTYPE_CHOICES})
     recipe_defaults_for(parser, explicit)
     return parser
 
@@ -294,7 +337,10 @@ def _add_data_parser(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="hf-longlora", description="LongLoRA for the Hugging Face stack.")
+    parser.add_argument("--version", action="version", version=f"hf-longlora {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser(
         "train", help="continued pretraining on long documents (--config YAML; see docs/training.md)"
@@ -313,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument(
         "--from-4bit", action="store_true", help="the adapter was trained on an NF4 (QLoRA) base"
     )
-    merge.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="dtype of the saved weights")
+    merge.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help="dtype of the saved weights")
     merge.set_defaults(run=_merge)
 
     push = sub.add_parser("push", help="upload an adapter (or a merged model) with a model card")
@@ -344,10 +390,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def dashed_flags(argv: list[str]) -> list[str]:
+    """``--context_length`` and ``--context-length`` are the same flag in every subcommand (argparse's subcommands
+    are declared with dashes; train and sft accept both through transformers' parser)."""
+    out = []
+    for arg in argv:
+        if arg == "--":
+            return out + argv[len(out) :]
+        if arg.startswith("--"):
+            name, sep, value = arg[2:].partition("=")
+            arg = "--" + name.replace("_", "-") + sep + value
+        out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("train", "sft"):
         return _run_training(argv[0], argv[1:])
+    argv = dashed_flags(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -269,17 +269,23 @@ def test_cli_eval_compares_base_and_adapter(tmp_path, base_and_adapter):
         "hf_longlora.cli",
         "eval",
         "--model",
+        f"base={base}",
+        "--model",
         f"pi={base}",
+        "--context-length",  # applies to the --model before it: pi, not base
+        "256",
         "--model",
         f"longlora={adapter}",
     ]
-    cmd += ["--context-length", "256", "--data", str(data), "--lengths", "64", "256", "--max-windows", "2"]
+    cmd += ["--data", str(data), "--lengths", "64", "256", "--max-windows", "2"]
     cmd += ["--passkey-lengths", "128", "--passkey-depths", "0.5", "--passkey-trials", "1", "--out", str(out)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ppl@64" in result.stdout and "passkey@128" in result.stdout
     saved = json.loads((out / "eval.json").read_text())
-    assert saved["models"]["pi"]["context"] == 256  # --context-length extended the plain model
+    assert saved["models"]["pi"]["context"] == 256  # --context-length extended the plain model before it
+    assert saved["models"]["base"]["context"] == 64  # and only that one: two different models, two rows
+    assert saved["models"]["base"]["perplexity"] != saved["models"]["pi"]["perplexity"]
     assert saved["models"]["longlora"]["kind"] == "adapter"
     assert (out / "perplexity.png").read_bytes()[:8] == PNG_MAGIC
 
@@ -292,3 +298,30 @@ def test_cli_eval_compares_base_and_adapter(tmp_path, base_and_adapter):
     )
     assert bad.returncode == 2 and "stride must be >= 1" in bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_eval_context_length_belongs_to_the_model_before_it(tmp_path):
+    """--context-length / --rope-method attach to the --model before them; misplaced, they are refused clearly."""
+    from hf_longlora import cli
+
+    parser = cli.build_parser()
+    args = parser.parse_args(
+        ["eval", "--model", "a=m", "--model", "b=m", "--context-length", "256", "--rope-method", "yarn",
+         "--model", "c=m", "--context-length", "512", "--data", "stdlib", "--lengths", "64"]
+    )  # fmt: skip
+    specs = [cli._model_spec(m, None) for m in args.model]
+    assert [(s.label, s.context_length, s.rope_method) for s in specs] == [
+        ("a", None, "linear"),
+        ("b", 256, "yarn"),
+        ("c", 512, "linear"),
+    ]
+    with pytest.raises(SystemExit):
+        parser.parse_args(
+            ["eval", "--context-length", "256", "--model", "m", "--data", "x", "--lengths", "64"]
+        )
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    entry = {"spec": f"ll={adapter}", "context_length": 256, "rope_method": None}
+    with pytest.raises(ValueError, match="an adapter restores the context it was trained at"):
+        cli._model_spec(entry, None)

@@ -89,6 +89,25 @@ def test_merge_refuses_to_overwrite(tmp_path):
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
 
 
+def test_merge_refuses_an_out_dir_that_is_or_holds_an_input(tmp_path, capsys):
+    """--out equal to, inside or containing --base or --adapter is refused even with --overwrite (it used to delete
+    the adapter or replace the base's weights), before anything is loaded."""
+    base, adapter, _ = _base_and_adapter(tmp_path)
+    before = {p: p.read_bytes() for p in [*base.rglob("*"), *adapter.rglob("*")] if p.is_file()}
+    for out, relation, what in (
+        (adapter, "is", "adapter"),
+        (base, "is", "base"),
+        (adapter / "merged", "is inside", "adapter"),
+        (tmp_path, "contains", "base"),
+    ):
+        code = cli.main(
+            ["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(out), "--overwrite"]
+        )
+        err = capsys.readouterr().err
+        assert code == 2 and f"{relation} the {what}" in err and "choose another output folder" in err, err
+    assert {p: p.read_bytes() for p in before} == before and not (adapter / "merged").exists()
+
+
 def test_merge_from_a_bad_adapter_keeps_out_dir(tmp_path):
     base, adapter, _ = _base_and_adapter(tmp_path)
     out = tmp_path / "merged"

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from helpers import make_tiny_checkpoint
 from safetensors.torch import load_file
@@ -255,3 +256,76 @@ def test_output_dir_with_another_runs_checkpoints(tmp_path, tiny_checkpoint, cor
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
     state = json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())
     assert state["global_step"] == 1 and state["max_steps"] == 1
+
+
+# ------------------------------------------------------------------------------- one spelling for everything
+
+
+def test_flags_accept_dashes_and_underscores_everywhere(tmp_path):
+    assert cli.dashed_flags(["eval", "--max_windows", "2", "--context_length=5", "x_y", "--", "--a_b"]) == [
+        "eval", "--max-windows", "2", "--context-length=5", "x_y", "--", "--a_b"
+    ]  # fmt: skip
+    args = cli.build_parser().parse_args(
+        cli.dashed_flags(["eval", "--model", "m", "--data", "stdlib", "--lengths", "64", "--max_windows", "3",
+                          "--passkey_lengths", "128", "--no_progress"])
+    )  # fmt: skip
+    assert args.max_windows == 3 and args.passkey_lengths == [128] and args.no_progress
+    for flag in ("--warmup_steps", "--warmup-steps"):
+        *_, training_args = parse("train", tmp_path, {"model_name_or_path": "m"}, flag, "3")
+        assert training_args.warmup_steps == 3
+        assert "warmup_steps" in cli._explicit_keys([flag, "3"])  # counts as the user's, for the recipe
+
+
+def test_dtype_names_are_the_same_in_every_subcommand(tmp_path, capsys):
+    from hf_longlora.adapters.loading import DTYPE_NAMES, parse_dtype
+
+    assert set(cli.DTYPE_CHOICES) == set(DTYPE_NAMES)
+    assert parse_dtype("bf16") is parse_dtype("bfloat16") is torch.bfloat16
+    assert parse_dtype("fp32") is parse_dtype("float32") is torch.float32 and parse_dtype("auto") == "auto"
+    with pytest.raises(ValueError, match=r"dtype='bf61' is not a dtype; use one of \['bf16', 'bfloat16'"):
+        parse_dtype("bf61")
+    for name in ("bf16", "bfloat16"):
+        assert cli.build_parser().parse_args(
+            ["merge", "--base", "b", "--adapter", "a", "--out", "o", "--dtype", name]
+        )
+        model_args, *_ = parse("train", tmp_path, {"model_name_or_path": "m", "dtype": name})
+        assert parse_dtype(model_args.dtype) is torch.bfloat16
+        model_args, *_ = parse("train", tmp_path, {"model_name_or_path": "m"}, "--dtype", name)
+        assert parse_dtype(model_args.dtype) is torch.bfloat16
+
+
+def test_bad_dtype_in_a_config_fails_before_loading(tmp_path, tiny_checkpoint, corpus, capsys, no_loading):
+    code, _, err = run_train(tmp_path, train_config(tmp_path, tiny_checkpoint, corpus, dtype="bf61"), capsys)
+    assert code == 2 and "dtype='bf61' is not a dtype" in err
+
+
+def test_version(capsys):
+    import hf_longlora
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--version"])
+    assert (
+        exit_.value.code == 0 and capsys.readouterr().out.strip() == f"hf-longlora {hf_longlora.__version__}"
+    )
+
+
+# ------------------------------------------------------------------------ activation checkpointing everywhere
+
+
+def test_load_model_checkpoints_activations_of_every_model(tmp_path, tiny_checkpoint):
+    """activation_checkpointing=True (the default) turns checkpointing on without 4-bit too (it used to act only
+    through prepare_model_for_kbit_training); a training step still reaches the adapter."""
+    from hf_longlora import LongLoraConfig, get_longlora_model, load_model
+    from hf_longlora.attention.backend import ATTENTION_CALLS
+
+    model = load_model(str(tiny_checkpoint), context_length=128, dtype=torch.float32)
+    assert model.is_activation_checkpointing
+    assert not load_model(str(tiny_checkpoint), activation_checkpointing=False).is_activation_checkpointing
+    peft_model = get_longlora_model(model, LongLoraConfig()).train()
+    ids = torch.randint(0, 100, (1, 64))
+    before = ATTENTION_CALLS["s2"]
+    peft_model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    layers = model.config.num_hidden_layers
+    assert ATTENTION_CALLS["s2"] - before == 2 * layers  # each layer's forward, and again in the backward
+    lora_b = peft_model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight
+    assert lora_b.grad is not None and lora_b.grad.abs().max() > 0

@@ -241,6 +241,7 @@ def load_adapter(
         check_adapter_matches_base(skeleton, adapter_dir)
         del skeleton
         load_model_kwargs.setdefault("attn_implementation", "sdpa" if not is_trainable else "s2_attention")
+        load_model_kwargs.setdefault("activation_checkpointing", is_trainable)
         model = load_model(os.fspath(base), **load_model_kwargs)
     else:
         model = base

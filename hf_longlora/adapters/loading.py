@@ -25,6 +25,29 @@ _LOCATION_KWARGS = (
 _S2_KWARGS = {"s2_group_size_ratio": "group_size_ratio", "s2_group_size": "group_size", "s2_shift": "shift"}
 
 
+# Every spelling of a dtype that hf-longlora's commands accept (the same in train, sft, eval and merge).
+DTYPE_NAMES = {
+    "fp32": "float32",
+    "float32": "float32",
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+    "fp16": "float16",
+    "float16": "float16",
+    "half": "float16",
+}
+
+
+def parse_dtype(name: str | torch.dtype | None, *, argument: str = "dtype") -> torch.dtype | str | None:
+    """A dtype from its name (``fp32``/``float32``, ``bf16``/``bfloat16``, ``fp16``/``float16``), ``"auto"`` or
+    None as given. Raises a ValueError naming ``argument`` and the accepted names otherwise."""
+    if name is None or name == "auto" or isinstance(name, torch.dtype):
+        return name
+    key = str(name).lower().removeprefix("torch.")
+    if key not in DTYPE_NAMES:
+        raise ValueError(f"{argument}={name!r} is not a dtype; use one of {sorted(DTYPE_NAMES)} or 'auto'")
+    return getattr(torch, DTYPE_NAMES[key])
+
+
 def is_bitsandbytes_available() -> bool:
     return importlib.util.find_spec("bitsandbytes") is not None
 
@@ -73,8 +96,8 @@ def load_model(
         load_in_4bit: QLoRA: NF4 weights with double quantisation and bf16 compute through bitsandbytes, then
             ``peft.prepare_model_for_kbit_training``.
         attn_implementation: "s2_attention" (default) or any transformers backend.
-        activation_checkpointing: with ``load_in_4bit``, whether ``prepare_model_for_kbit_training`` turns on
-            activation checkpointing (without 4-bit, the trainer's ``gradient_checkpointing`` argument decides).
+        activation_checkpointing: turn activation checkpointing on (non-reentrant), for every model; with
+            ``load_in_4bit`` through ``prepare_model_for_kbit_training``. It only acts in training mode.
         prepare_for_kbit_training: with ``load_in_4bit``, run ``prepare_model_for_kbit_training`` (upcasts norms to
             fp32, enables input gradients); False for inference or merging.
         bnb_4bit_quant_storage: with ``load_in_4bit``, the storage dtype of the packed weights; set it to the model
@@ -127,4 +150,7 @@ def load_model(
             use_gradient_checkpointing=activation_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
+    elif activation_checkpointing:
+        # for every model, not only 4-bit ones; non-reentrant, so frozen inputs still give adapter gradients
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model

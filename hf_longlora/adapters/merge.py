@@ -35,7 +35,19 @@ TOKENIZER_FILES = (
 )
 
 
-def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+def _check_out_dir(out_dir: Path, overwrite: bool, inputs: dict[str, str]) -> None:
+    """``out_dir`` must not be, be inside, or contain an input (``overwrite`` would delete it)."""
+    out = out_dir.resolve()
+    for name, value in inputs.items():
+        if not Path(value).exists():
+            continue  # a Hub id
+        source = Path(value).resolve()
+        if out == source or source in out.parents or out in source.parents:
+            relation = "is" if out == source else ("is inside" if source in out.parents else "contains")
+            raise ValueError(
+                f"out_dir {str(out_dir)!r} {relation} the {name} {value!r}; writing there would replace it "
+                "(even with --overwrite): choose another output folder"
+            )
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"out_dir {str(out_dir)!r} exists and is not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
@@ -69,7 +81,7 @@ def merge_and_save(
         ``Path(out_dir)``.
     """
     out = Path(out_dir)
-    _check_out_dir(out, overwrite)
+    _check_out_dir(out, overwrite, {"base": base, "adapter": adapter_dir})
     if from_4bit:
         from .loading import load_model
 

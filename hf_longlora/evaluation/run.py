@@ -29,6 +29,7 @@ class ModelSpec:
     label: str | None = None
     base: str | None = None  # an adapter's base (default: recorded in the adapter)
     context_length: int | None = None  # extend a model (not an adapter) to this context first
+    rope_method: str = "linear"  # how context_length extends it (position interpolation by default)
 
 
 @dataclass
@@ -140,7 +141,8 @@ def evaluate_models(
     for spec, label in zip(specs, labels, strict=True):
         torch.manual_seed(settings.seed)
         loaded = load_for_evaluation(
-            spec.path, label=label, base=spec.base, context_length=spec.context_length, dtype=settings.dtype
+            spec.path, label=label, base=spec.base, context_length=spec.context_length,
+            rope_method=spec.rope_method, dtype=settings.dtype
         )
         tokenizer = loaded.tokenizer
         eos = tokenizer.eos_token_id

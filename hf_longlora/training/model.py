@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from transformers import set_seed
 
 from ..adapters.config import DEFAULT_TARGET_MODULES, LongLoraConfig
 from ..adapters.lifecycle import get_longlora_model
+from ..adapters.loading import parse_dtype
 from ..attention import S2_ATTENTION
 from .arguments import LongLoraArguments
 
@@ -31,12 +31,6 @@ def longlora_config_from(model_args, longlora_args: LongLoraArguments) -> LongLo
     )
 
 
-def _dtype(name):
-    if name in (None, "auto"):
-        return None if name is None else "auto"
-    return getattr(torch, name) if isinstance(name, str) else name
-
-
 def load_for_training(model_args, longlora_args: LongLoraArguments, training_args, target: int):
     """Load, extend and wrap the model (the only heavy step, run after every check)."""
     from ..adapters.loading import load_model
@@ -48,8 +42,9 @@ def load_for_training(model_args, longlora_args: LongLoraArguments, training_arg
         training_args.include_num_input_tokens_seen = "non_padding"
 
     kwargs: dict[str, Any] = {}
-    if _dtype(model_args.dtype) is not None:
-        kwargs["dtype"] = _dtype(model_args.dtype)
+    dtype = parse_dtype(model_args.dtype)
+    if dtype is not None:
+        kwargs["dtype"] = dtype
     model = load_model(
         model_args.model_name_or_path,
         context_length=target,

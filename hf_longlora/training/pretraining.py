@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from transformers import AutoTokenizer
 
+from ..adapters.loading import parse_dtype
 from ..adapters.smollm2 import resolve_model_path
 from .arguments import CorpusArguments, LongLoraArguments, resume_arg
 from .callbacks import add_longlora_callbacks, build_callbacks
@@ -44,6 +45,7 @@ def run_pretraining(
     check_no_sequence_parallelism(training_args)
     check_supported_keys(recipe_explicit, model_args, corpus_args, longlora_args)
     check_steps(training_args, recipe_explicit)
+    parse_dtype(model_args.dtype)  # a bad dtype name fails here, before any work
     stale = stale_checkpoints(training_args, longlora_args)
     check_optimizer(training_args, model_args.load_in_4bit)
     if not model_args.model_name_or_path:

@@ -8,6 +8,7 @@ from typing import Any
 
 from transformers import AutoTokenizer
 
+from ..adapters.loading import parse_dtype
 from ..adapters.smollm2 import resolve_model_path
 from .arguments import SFTDataArguments, resume_arg
 from .callbacks import add_longlora_callbacks, build_callbacks
@@ -128,6 +129,7 @@ def run_sft(
     check_no_sequence_parallelism(training_args)
     check_supported_keys(recipe_explicit, script_args, model_args, dataset_args, longlora_args, data_args)
     check_steps(training_args, recipe_explicit)
+    parse_dtype(model_args.dtype)  # a bad dtype name fails here, before any work
     stale = stale_checkpoints(training_args, longlora_args)
     if not model_args.model_name_or_path:
         raise ValueError("model_name_or_path is required")
