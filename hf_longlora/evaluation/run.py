@@ -141,8 +141,12 @@ def evaluate_models(
     for spec, label in zip(specs, labels, strict=True):
         torch.manual_seed(settings.seed)
         loaded = load_for_evaluation(
-            spec.path, label=label, base=spec.base, context_length=spec.context_length,
-            rope_method=spec.rope_method, dtype=settings.dtype
+            spec.path,
+            label=label,
+            base=spec.base,
+            context_length=spec.context_length,
+            rope_method=spec.rope_method,
+            dtype=settings.dtype,
         )
         tokenizer = loaded.tokenizer
         eos = tokenizer.eos_token_id
