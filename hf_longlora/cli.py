@@ -33,6 +33,8 @@ def _merge(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         from_4bit=args.from_4bit,
         dtype=_dtype(args.dtype),
+        context_length=args.context_length,
+        rope_method=args.rope_method,
     )
     print(f"merged model saved to {out}")
     return 0
@@ -357,7 +359,19 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--out", required=True, help="output directory (must be empty unless --overwrite)")
     merge.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     merge.add_argument(
-        "--from-4bit", action="store_true", help="the adapter was trained on an NF4 (QLoRA) base"
+        "--from-4bit",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="merge into the dequantised NF4 base (QLoRA); default: as the adapter records",
+    )
+    merge.add_argument(
+        "--context-length",
+        type=int,
+        default=None,
+        help="for an adapter made with plain PEFT, which does not record it: the context it was trained at",
+    )
+    merge.add_argument(
+        "--rope-method", choices=("linear", "yarn", "dynamic"), default="linear", help="with --context-length"
     )
     merge.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help="dtype of the saved weights")
     merge.set_defaults(run=_merge)

@@ -374,3 +374,52 @@ def test_configure_s2_signature_shows_its_defaults():
     hf_longlora.configure_s2(config, shift="roll")
     settings = hf_longlora.configure_s2(config, group_size=32)  # the shift set before stays
     assert (settings.shift, settings.group_size, settings.group_size_ratio) == ("roll", 32, 0.25)
+
+
+# ------------------------------------------------------------------------ adapters made with plain PEFT
+
+
+def test_plain_peft_adapter_never_loses_its_extension_silently(tmp_path, saved_base):
+    """get_peft_model(model, LongLoraConfig()) after extend_context saves no context record: load_adapter and
+    merge refuse it and say how to supply the context; given, the result equals the trained model."""
+    from peft import get_peft_model
+
+    from hf_longlora import cli, merge_and_save
+
+    model = AutoModelForCausalLM.from_pretrained(saved_base, attn_implementation="s2_attention")
+    extend_context(model, 2048)
+    peft_model = get_peft_model(model, LongLoraConfig())
+    ids = train_a_little(peft_model, length=200)
+    with torch.no_grad():
+        want = peft_model(ids).logits
+    peft_model.save_pretrained(tmp_path / "plain")
+    adapter = str(tmp_path / "plain")
+    with pytest.raises(ValueError, match=r"does not record the context it was trained at .*context_length=N"):
+        load_adapter(str(saved_base), adapter)
+    with pytest.raises(ValueError, match="does not record the context"):
+        merge_and_save(str(saved_base), adapter, str(tmp_path / "m"))
+    assert not (tmp_path / "m").exists()
+    loaded = load_adapter(str(saved_base), adapter, context_length=2048).eval()
+    assert loaded.config.rope_parameters["factor"] == 4.0
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, want, rtol=1e-5, atol=1e-5)
+    out = tmp_path / "merged"
+    code = cli.main(
+        [
+            "merge",
+            "--base",
+            str(saved_base),
+            "--adapter",
+            adapter,
+            "--out",
+            str(out),
+            "--context-length",
+            "2048",
+        ]
+    )
+    assert code == 0 and json.loads((out / "config.json").read_text())["rope_parameters"]["factor"] == 4.0
+    # an adapter with a record refuses a contradicting context_length
+    recorded = get_longlora_model(base_model())
+    recorded.save_pretrained(tmp_path / "rec")
+    with pytest.raises(ValueError, match="contradicts the adapter's record"):
+        load_adapter(base_model(), str(tmp_path / "rec"), context_length=999)

@@ -110,3 +110,35 @@ def test_extend_context_shorter_than_current_fails(saved_base):
     model = load_model(str(saved_base), context_length=256, attn_implementation="sdpa")
     with pytest.raises(ValueError, match="shorter than the model's current context of 256"):
         extend_context(model, 128)
+
+
+def test_qlora_adapter_records_its_4bit_base_and_merge_follows(saved_base, tmp_path):
+    """A QLoRA adapter records base_quantization='nf4'; merge without --from-4bit then merges into the dequantised
+    NF4 base (the weights it was trained against), bit for bit as --from-4bit; --no-from-4bit into the fp base."""
+    from safetensors.torch import load_file
+
+    from hf_longlora import cli
+
+    model = load_model(str(saved_base), load_in_4bit=True, context_length=256)
+    peft_model = get_longlora_model(model)
+    train_steps(peft_model, torch.randint(0, 128, (1, 128)), 2)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    adapter = tmp_path / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_quantization"] == "nf4"
+    runs = {"default": [], "from4": ["--from-4bit"], "fp": ["--no-from-4bit"]}
+    weights = {}
+    for name, flags in runs.items():
+        out = tmp_path / name
+        assert (
+            cli.main(
+                ["merge", "--base", str(saved_base), "--adapter", str(adapter), "--out", str(out), *flags]
+            )
+            == 0
+        )
+        weights[name] = load_file(out / "model.safetensors")
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(weights["default"][q], weights["from4"][q])
+    assert not torch.equal(weights["default"][q].float(), weights["fp"][q].float())
+    # and a full-precision adapter records no quantization
+    plain = get_longlora_model(load_model(str(saved_base), context_length=256))
+    assert plain.peft_config["default"].base_quantization is None

@@ -77,6 +77,10 @@ class LongLoraConfig(LoraConfig):
         default=None,
         metadata={"help": "Names of the datasets the adapter was trained on (for the model card)."},
     )
+    base_quantization: str | None = field(
+        default=None,
+        metadata={"help": "'nf4' when the base was loaded in 4-bit for training (QLoRA; recorded, read by merge)."},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -159,7 +163,10 @@ class LongLoraConfig(LoraConfig):
         if unknown:
             raise ValueError(f"{source}: unknown LongLoraConfig fields {unknown}")
         data.pop("peft_type", None)
-        return cls(**data)
+        config = cls(**data)
+        # made with a LongLoraConfig (its own fields saved), as opposed to a plain LoraConfig read as one
+        config.saved_as_longlora = "trainable_embeddings" in data
+        return config
 
 
 def _looks_like_repo_id(name: str) -> bool:

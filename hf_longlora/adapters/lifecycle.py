@@ -37,6 +37,11 @@ def record_context(config: LongLoraConfig, model: PreTrainedModel) -> LongLoraCo
     config.original_context_length = original_context_length(text_config)
     params = getattr(text_config, "rope_parameters", None)
     config.rope_parameters = dict(params) if params else None
+    quantization = getattr(model.config, "quantization_config", None)
+    four_bit = getattr(model, "is_loaded_in_4bit", False) or getattr(quantization, "load_in_4bit", False)
+    if isinstance(quantization, dict):
+        four_bit = four_bit or bool(quantization.get("load_in_4bit"))
+    config.base_quantization = "nf4" if four_bit else None
     s2 = S2Settings.from_config(text_config)
     config.s2_attention = {
         "group_size_ratio": s2.group_size_ratio,
@@ -188,6 +193,25 @@ def check_adapter_matches_base(model: torch.nn.Module, adapter_dir: str) -> None
                 )
 
 
+def check_context_record(config: LongLoraConfig, adapter_dir: str, context_length: int | None) -> None:
+    """An adapter made by plain ``peft.get_peft_model(model, LongLoraConfig())`` saves no context record: loading
+    it at the base's native context would silently lose its extension, so it needs ``context_length``."""
+    if config.context_length is not None:
+        if context_length is not None and context_length != config.context_length:
+            raise ValueError(
+                f"context_length={context_length} contradicts the adapter's record ({config.context_length} tokens "
+                f"in {adapter_dir}); leave context_length out to use the record"
+            )
+        return
+    if context_length is None and getattr(config, "saved_as_longlora", False):
+        raise ValueError(
+            f"the adapter in {adapter_dir!r} does not record the context it was trained at (it was made with "
+            "peft.get_peft_model, not hf_longlora.get_longlora_model): pass context_length=N (--context-length N, "
+            "and rope_method / --rope-method if not 'linear') with the context it was trained at, or the base's own "
+            "context if it was not extended"
+        )
+
+
 def restore_context(model: PreTrainedModel, config: LongLoraConfig) -> None:
     """Re-apply the context extension and S2 settings recorded in an adapter config to a base model."""
     from ..attention import configure_s2
@@ -216,6 +240,8 @@ def load_adapter(
     *,
     is_trainable: bool = False,
     adapter_name: str = "default",
+    context_length: int | None = None,
+    rope_method: str = "linear",
     **load_model_kwargs: Any,
 ) -> PeftModel:
     """Load a LongLoRA adapter onto its base, restoring the context extension it was trained with.
@@ -224,12 +250,17 @@ def load_adapter(
         base: the base model (path, Hub id or a loaded model).
         adapter_dir: a directory written by ``save_pretrained`` of a LongLoRA PeftModel.
         is_trainable: keep training the adapter.
+        context_length, rope_method: the context extension the adapter was trained with, for an adapter that does
+            not record it (made with ``peft.get_peft_model`` instead of :func:`get_longlora_model`, which records
+            it). Such an adapter is refused without them; for one that records it they must agree with the record.
         **load_model_kwargs: for :func:`hf_longlora.load_model` when ``base`` is a path (``dtype``, ``load_in_4bit``, ...).
 
     Raises before loading any weights: FileNotFoundError (missing adapter files), ValueError (corrupt files,
-    unknown config fields, an adapter trained on another base: the first mismatching module and shapes).
+    unknown config fields, an adapter trained on another base: the first mismatching module and shapes; a
+    LongLoraConfig adapter without its context record and no ``context_length``).
     """
     config = LongLoraConfig.from_pretrained(adapter_dir)
+    check_context_record(config, adapter_dir, context_length)
     _read_adapter_tensors_meta(adapter_dir)
     if isinstance(base, (str, os.PathLike)):
         # check the adapter against the base's architecture on the meta device, before loading any weights
@@ -245,6 +276,10 @@ def load_adapter(
         model = load_model(os.fspath(base), **load_model_kwargs)
     else:
         model = base
+    if config.context_length is None and context_length is not None:
+        from .context import extend_context
+
+        extend_context(model, context_length, rope_method)  # what the caller says the adapter was trained at
     restore_context(model, config)
     check_adapter_matches_base(model, adapter_dir)
     return PeftModel.from_pretrained(

@@ -19,9 +19,12 @@ import tempfile
 from pathlib import Path
 
 import torch
+from transformers.utils import logging
 
-from .lifecycle import load_adapter
+from .config import LongLoraConfig
+from .lifecycle import check_context_record, load_adapter
 
+logger = logging.get_logger(__name__)
 LONGLORA_RECORD = "longlora_adapter_config.json"
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -62,9 +65,11 @@ def merge_and_save(
     out_dir: str,
     *,
     overwrite: bool = False,
-    from_4bit: bool = False,
+    from_4bit: bool | None = None,
     dtype: torch.dtype | None = None,
     max_shard_size: str = "5GB",
+    context_length: int | None = None,
+    rope_method: str = "linear",
 ) -> Path:
     """Merge ``adapter_dir`` into ``base`` and save a standalone safetensors checkpoint in ``out_dir``.
 
@@ -74,14 +79,30 @@ def merge_and_save(
         out_dir: where to write; refused if it exists and is not empty, unless ``overwrite``.
         overwrite: replace a non-empty ``out_dir``. The new checkpoint is written to a temporary directory first,
             so a failure leaves the old contents untouched.
-        from_4bit: the adapter was trained on an NF4 base: load the base in 4-bit, dequantise to bf16, merge there.
+        from_4bit: the adapter was trained on an NF4 base: load the base in 4-bit, dequantise to bf16, merge there
+            (the weights the adapter was trained against). None (default): as the adapter records
+            (``base_quantization``, written by :func:`get_longlora_model` for a 4-bit base); False merges a QLoRA
+            adapter into the full-precision base instead.
         dtype: dtype of the saved weights (default: the base's, bf16 with ``from_4bit``).
+        max_shard_size: the largest safetensors shard.
+        context_length, rope_method: for an adapter that does not record its context extension (see
+            :func:`load_adapter`).
 
     Returns:
         ``Path(out_dir)``.
     """
     out = Path(out_dir)
     _check_out_dir(out, overwrite, {"base": base, "adapter": adapter_dir})
+    record = LongLoraConfig.from_pretrained(adapter_dir)
+    check_context_record(record, adapter_dir, context_length)
+    if from_4bit is None:
+        from_4bit = record.base_quantization == "nf4"
+        if from_4bit:
+            logger.warning(
+                "merge: the adapter was trained on an NF4 (4-bit) base: merging into its dequantised weights "
+                "(from_4bit=False / --no-from-4bit merges into the full-precision base instead)"
+            )
+    supplied = {"context_length": context_length, "rope_method": rope_method} if context_length else {}
     if from_4bit:
         from .loading import load_model
 
@@ -90,10 +111,10 @@ def merge_and_save(
         )
         base_model = quantised.dequantize()
         base_model = base_model.to(dtype or torch.bfloat16)
-        model = load_adapter(base_model, adapter_dir)
+        model = load_adapter(base_model, adapter_dir, **supplied)
     else:
         kwargs = {"dtype": dtype} if dtype is not None else {}
-        model = load_adapter(base, adapter_dir, **kwargs)
+        model = load_adapter(base, adapter_dir, **kwargs, **supplied)
     merged = model.merge_and_unload()
     if dtype is not None:
         merged = merged.to(dtype)
