@@ -40,20 +40,47 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _hub_error(exc: Exception) -> str | None:
+    """A one-line explanation of what huggingface_hub raised while pushing, or None if it is not a Hub error."""
+    from huggingface_hub import errors
+
+    if isinstance(exc, errors.OfflineModeIsEnabled):
+        return "the Hub is switched off here (HF_HUB_OFFLINE=1): unset it to push; nothing was uploaded"
+    if isinstance(exc, errors.LocalTokenNotFoundError):
+        return "no Hub token: run `hf auth login`, set HF_TOKEN, or pass --token; nothing was uploaded"
+    if isinstance(exc, errors.HfHubHTTPError):
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        if status in (401, 403):
+            return (
+                f"the Hub refused the token ({status}): check it with `hf auth whoami`, or pass --token with "
+                "write access to the repository; nothing was uploaded"
+            )
+        return f"the Hub answered an error ({status}): {str(exc).splitlines()[0]}; nothing was uploaded"
+    if isinstance(exc, (errors.HTTPError, ConnectionError, TimeoutError)):
+        return f"cannot reach the Hub ({type(exc).__name__}: {exc}): check the network; nothing was uploaded"
+    return None
+
+
 def _push(args: argparse.Namespace) -> int:
     from .adapters.hub import push_to_hub
 
-    url = push_to_hub(
-        args.adapter,
-        args.repo_id,
-        token=args.token,
-        private=True if args.private else None,
-        revision=args.revision,
-        create_pr=args.create_pr,
-        commit_message=args.commit_message,
-        merged=args.merged,
-        base_model=args.base_model,
-    )
+    try:
+        url = push_to_hub(
+            args.adapter,
+            args.repo_id,
+            token=args.token,
+            private=True if args.private else None,
+            revision=args.revision,
+            create_pr=args.create_pr,
+            commit_message=args.commit_message,
+            merged=args.merged,
+            base_model=args.base_model,
+        )
+    except Exception as exc:
+        message = _hub_error(exc)
+        if message is None:
+            raise
+        raise ConnectionError(message) from exc
     print(f"pushed {args.adapter} to {args.repo_id}: {url}")
     return 0
 
@@ -116,6 +143,14 @@ def _eval(args: argparse.Namespace) -> int:
         extra={"data": args.data, "forgetting_data": args.forgetting_data or args.data},
     )
     settings.check()
+    from pathlib import Path
+
+    earlier = [n for n in ("eval.json", "eval_summary.json") if (Path(args.out) / n).exists()]
+    if earlier and not args.overwrite:
+        raise FileExistsError(
+            f"--out {args.out} holds earlier results ({', '.join(earlier)}); pass --overwrite "
+            "to replace them, or choose another --out"
+        )
 
     def documents(paths):
         docs = (
@@ -204,8 +239,12 @@ def _add_eval_parser(sub) -> None:
         "--dtype", choices=DTYPE_CHOICES, default=None, help="weights dtype (default: checkpoint's)"
     )
     ev.add_argument(
-        "--out", default="outputs/eval", help="directory for eval.json, eval_summary.json and plots"
+        "--out",
+        default="outputs/eval",
+        help="directory for eval.json, eval_summary.json and plots (default: outputs/eval); refused if it holds "
+        "earlier results, unless --overwrite",
     )
+    ev.add_argument("--overwrite", action="store_true", help="replace earlier results in --out")
     ev.add_argument("--no-progress", action="store_true", help="no progress bars")
     ev.set_defaults(run=_eval)
 
@@ -243,15 +282,33 @@ def training_parser(command: str, explicit: set[str] | frozenset[str] = frozense
 
 def _explicit_keys(argv: list[str]) -> set[str]:
     """The keys a user set, in the --config YAML or as --flags (the recipe scales only the others)."""
-    import yaml
-
     keys = {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")}
     for i, arg in enumerate(argv):
         path = argv[i + 1] if arg == "--config" and i + 1 < len(argv) else arg.partition("=")[2]
         if (arg == "--config" or arg.startswith("--config=")) and path:
-            with open(path, encoding="utf-8") as f:
-                keys |= set(yaml.safe_load(f) or {})
+            keys |= set(read_config(path))
     return keys
+
+
+def read_config(path: str) -> dict:
+    """A --config YAML as a dict; a missing file, a syntax error (with its line) or a non-mapping is a ValueError."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError as exc:
+        raise ValueError(f"--config {path}: no such file") from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ValueError(f"--config {path}: YAML syntax error{where}: {problem}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: must hold key: value lines, got a {type(data).__name__}")
+    return data
 
 
 def _run_training(command: str, argv: list[str]) -> int:
@@ -261,6 +318,14 @@ def _run_training(command: str, argv: list[str]) -> int:
     try:
         explicit = _explicit_keys(argv)
         parser = training_parser(command, explicit)
+
+        def one_line_error(message: str):  # argparse would print the whole usage (145 lines) first
+            key = message.removeprefix("argument ").split(":")[0].split("/")[0].lstrip("-")
+            raise ValueError(
+                f"{key}: {message.split(': ', 1)[-1]} (`hf-longlora {command} --help` lists the keys)"
+            )
+
+        parser.error = one_line_error
         *parsed, config_rest, cli_rest = parser.parse_args_and_config(
             argv, return_remaining_strings=True, separate_remaining_strings=True
         )
@@ -276,7 +341,7 @@ def _run_training(command: str, argv: list[str]) -> int:
         else:
             script_args, training_args, model_args, dataset_args, longlora_args, data_args = parsed
             run_sft(script_args, training_args, model_args, dataset_args, longlora_args, data_args, explicit)
-    except (ValueError, FileNotFoundError, ImportError, NonFiniteLossError) as exc:
+    except (ValueError, OSError, ImportError, NonFiniteLossError) as exc:
         print(f"hf-longlora {command}: error: {exc}", file=sys.stderr)
         return 2
     return 0
@@ -297,26 +362,53 @@ def _trl_hook(args: argparse.Namespace) -> int:
     return 0
 
 
+# build_longalpaca_sample's arguments as `hf-longlora data` spells them (its errors name the flags)
+DATA_FLAGS = {
+    "num_records": "--records",
+    "target_length": "--length",
+    "min_length": "--min-length",
+    "passkey_fraction": "--passkey-fraction",
+}
+
+
+def _check_out_file(path: str, overwrite: bool, flag: str = "--out") -> None:
+    from pathlib import Path
+
+    out = Path(path)
+    if out.is_dir():
+        raise ValueError(f"{flag} {path} is a directory; give a file name, e.g. {out / 'sample.jsonl'}")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{flag} {path} exists; pass --overwrite to replace it")
+
+
 def _data(args: argparse.Namespace) -> int:
+    import re
     from collections import Counter
 
     from .data.longalpaca_sample import build_longalpaca_sample, write_jsonl
 
+    _check_out_file(args.out, args.overwrite)
     tokenizer = None
     if args.tokenizer:
-        from transformers import AutoTokenizer
-
         from .adapters.smollm2 import resolve_model_path
+        from .training.checks import load_tokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(args.tokenizer))
-    records = build_longalpaca_sample(
-        args.records,
-        args.length,
-        min_length=args.min_length,
-        tokenizer=tokenizer,
-        passkey_fraction=args.passkey_fraction,
-        seed=args.seed,
-    )
+        try:
+            tokenizer = load_tokenizer(resolve_model_path(args.tokenizer))
+        except ValueError as exc:
+            raise ValueError(str(exc).replace("model_name_or_path=", "--tokenizer ")) from exc
+    try:
+        records = build_longalpaca_sample(
+            args.records,
+            args.length,
+            min_length=args.min_length,
+            tokenizer=tokenizer,
+            passkey_fraction=args.passkey_fraction,
+            seed=args.seed,
+        )
+    except ValueError as exc:
+        message = re.sub("|".join(DATA_FLAGS), lambda m: DATA_FLAGS[m.group(0)], str(exc))
+        raise ValueError(message) from exc
     path = write_jsonl(records, args.out)
     counts = ", ".join(f"{k} {v}" for k, v in sorted(Counter(r["source"] for r in records).items()))
     print(f"wrote {len(records)} LongAlpaca-format records ({counts}) to {path}")
@@ -327,6 +419,7 @@ def _add_data_parser(sub) -> None:
     data = sub.add_parser("data", help="build offline data sets (see docs/training.md)")
     data.add_argument("dataset", choices=["longalpaca-sample"], help="what to build")
     data.add_argument("--out", required=True, help="output .jsonl file (sft's data_files reads it)")
+    data.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     data.add_argument("--records", type=int, default=32, help="number of records (default 32)")
     data.add_argument(
         "--length", type=int, default=8000, help="longest record, characters or --tokenizer tokens"
@@ -427,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as exc:
+    except (ValueError, OSError, ImportError) as exc:  # OSError: missing files, a folder in the way, the network
         print(f"hf-longlora {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

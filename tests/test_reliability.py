@@ -329,3 +329,149 @@ def test_load_model_checkpoints_activations_of_every_model(tmp_path, tiny_checkp
     assert ATTENTION_CALLS["s2"] - before == 2 * layers  # each layer's forward, and again in the backward
     lora_b = peft_model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight
     assert lora_b.grad is not None and lora_b.grad.abs().max() > 0
+
+
+# ----------------------------------------------------------------------------- clear errors, never tracebacks
+
+
+def test_missing_model_path_and_tokenizer(tmp_path, tiny_checkpoint, corpus, capsys, no_loading):
+    config = train_config(tmp_path, tiny_checkpoint, corpus, model_name_or_path=str(tmp_path / "nope"))
+    code, _, err = run_train(tmp_path, config, capsys)
+    assert code == 2 and f"model_name_or_path={str(tmp_path / 'nope')!r}: no config.json there" in err
+    assert "Traceback" not in err
+    no_tokenizer = tmp_path / "no_tok"
+    no_tokenizer.mkdir()
+    (no_tokenizer / "config.json").write_text((tiny_checkpoint / "config.json").read_text())
+    code, _, err = run_train(tmp_path, config | {"model_name_or_path": str(no_tokenizer)}, capsys)
+    assert code == 2 and "has no usable tokenizer" in err and "tokenizer.save_pretrained" in err
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model_name_or_path: x\ncontext_length: 1024\n  max_steps: [3\n")
+    assert cli.main(["train", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"--config {bad}: YAML syntax error at line 3" in err and len(err.splitlines()) == 1
+    assert cli.main(["sft", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml: no such file" in capsys.readouterr().err
+
+
+def test_a_bad_value_is_one_short_line_naming_the_key(tmp_path, capsys):
+    config = write_yaml(tmp_path / "c.yaml", {"model_name_or_path": "m", "context_length": "abc"})
+    assert cli.main(["train", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == (
+        "hf-longlora train: error: context_length: invalid int value: 'abc' (`hf-longlora train --help` lists the keys)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        ({"instruction": "q"}, "SFT record 1: 'output' is missing"),
+        ({"instruction": "q", "output": 42}, "SFT record 1: 'output' is a int, not a string"),
+        ({"instruction": ["q"], "output": "a"}, "SFT record 1: 'instruction' is a list, not a string"),
+        ({"instruction": "q", "output": "a", "input": 3}, "SFT record 1: 'input' is a int, not a string"),
+    ],
+)
+def test_sft_records_are_checked_before_loading(
+    tmp_path, tiny_checkpoint, capsys, no_loading, record, message
+):
+    data = tmp_path / "d.jsonl"
+    good = {"instruction": "q", "output": "a", "input": ""}
+    data.write_text("".join(json.dumps(r) + "\n" for r in (good, record)))
+    config = {
+        "model_name_or_path": str(tiny_checkpoint),
+        "data_files": str(data),
+        "output_dir": str(tmp_path / "o"),
+        "max_length": 64,
+    }
+    assert cli.main(["sft", "--config", str(write_yaml(tmp_path / "s.yaml", config))]) == 2
+    err = capsys.readouterr().err
+    assert message in err and '{"instruction": str, "output": str' in err and "Traceback" not in err
+
+
+def test_max_length_above_the_context_says_how_to_extend(tmp_path, tiny_checkpoint, capsys, no_loading):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"instruction": "q", "output": "a"}) + "\n")
+    config = {"model_name_or_path": str(tiny_checkpoint), "data_files": str(data), "max_length": 256,
+              "output_dir": str(tmp_path / "o")}  # fmt: skip
+    assert cli.main(["sft", "--config", str(write_yaml(tmp_path / "s.yaml", config))]) == 2
+    assert "set context_length: 256 to extend it with position interpolation" in capsys.readouterr().err
+
+
+def test_data_out_is_checked_before_the_work(tmp_path, capsys, monkeypatch):
+    from hf_longlora.data import longalpaca_sample
+
+    monkeypatch.setattr(
+        longalpaca_sample,
+        "build_longalpaca_sample",
+        lambda *a, **k: (_ for _ in ()).throw(AssertionError("built")),
+    )
+    assert cli.main(["data", "longalpaca-sample", "--out", str(tmp_path)]) == 2
+    assert "is a directory; give a file name" in capsys.readouterr().err
+    existing = tmp_path / "x.jsonl"
+    existing.write_text("precious\n")
+    assert cli.main(["data", "longalpaca-sample", "--out", str(existing)]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err and existing.read_text() == "precious\n"
+
+
+def test_data_errors_name_the_flags(tmp_path, capsys):
+    out = str(tmp_path / "s.jsonl")
+    assert cli.main(["data", "longalpaca-sample", "--out", out, "--records", "0"]) == 2
+    assert "--records must be >= 1, got 0" in capsys.readouterr().err
+    assert cli.main(["data", "longalpaca-sample", "--out", out, "--length", "10"]) == 2
+    assert "--length must be >= 200" in capsys.readouterr().err
+
+
+def test_eval_out_is_not_overwritten_silently(tmp_path, capsys):
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "eval.json").write_text("{}")
+    argv = ["eval", "--model", "m", "--data", "stdlib", "--lengths", "64", "--out", str(out)]
+    assert cli.main(argv) == 2
+    assert "holds earlier results (eval.json); pass --overwrite" in capsys.readouterr().err
+    assert (out / "eval.json").read_text() == "{}"
+
+
+def test_push_without_network_token_or_hub_access(tmp_path, monkeypatch, capsys):
+    """huggingface_hub's errors become one line that says what to do (intercepted at HfApi's boundary)."""
+    from huggingface_hub import HfApi, errors
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "base_model_name_or_path": "b"})
+    )
+    argv = ["push", "--adapter", str(adapter), "--repo-id", "me/x"]
+    for raised, message in (
+        (errors.LocalTokenNotFoundError("no token"), "no Hub token: run `hf auth login`, set HF_TOKEN"),
+        (
+            errors.HTTPError("[Errno -3] Temporary failure in name resolution"),
+            "cannot reach the Hub (HTTPError",
+        ),
+        (errors.OfflineModeIsEnabled("offline"), "HF_HUB_OFFLINE=1"),
+    ):
+        monkeypatch.setattr(HfApi, "create_repo", lambda *a, _e=raised, **k: (_ for _ in ()).throw(_e))
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and "nothing was uploaded" in err and "Traceback" not in err, err
+
+
+@pytest.mark.slow
+def test_push_offline_for_real(tmp_path):
+    """With HF_HUB_OFFLINE=1 huggingface_hub itself refuses: a subprocess, nothing intercepted."""
+    import os
+    import subprocess
+    import sys
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "base_model_name_or_path": "b"})
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "hf_longlora.cli", "push", "--adapter", str(adapter), "--repo-id", "me/x"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert result.returncode == 2 and "HF_HUB_OFFLINE=1" in result.stderr and "Traceback" not in result.stderr

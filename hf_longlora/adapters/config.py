@@ -79,7 +79,9 @@ class LongLoraConfig(LoraConfig):
     )
     base_quantization: str | None = field(
         default=None,
-        metadata={"help": "'nf4' when the base was loaded in 4-bit for training (QLoRA; recorded, read by merge)."},
+        metadata={
+            "help": "'nf4' when the base was loaded in 4-bit for training (QLoRA; recorded, read by merge)."
+        },
     )
 
     def __post_init__(self) -> None:

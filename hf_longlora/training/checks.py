@@ -55,7 +55,13 @@ def check_context_extension(
     model_name_or_path: str, longlora_args: LongLoraArguments, **config_kwargs
 ) -> int:
     """Validate the context extension on a copy of the model's config (no weights). Returns the target length."""
-    config = AutoConfig.from_pretrained(model_name_or_path, **config_kwargs)
+    try:
+        config = AutoConfig.from_pretrained(model_name_or_path, **config_kwargs)
+    except OSError as exc:
+        raise ValueError(
+            f"model_name_or_path={model_name_or_path!r}: no config.json there and not a reachable Hub model "
+            f"({str(exc).splitlines()[0]})"
+        ) from exc
     target = longlora_args.context_length or config.get_text_config().max_position_embeddings
     extend_context(copy.deepcopy(config), target, longlora_args.rope_method)
     return target
@@ -135,3 +141,16 @@ def remove_stale_checkpoints(paths: list[Path], training_args) -> None:
     if paths and training_args.process_index == 0:
         for path in paths:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def load_tokenizer(model_name_or_path: str, revision: str | None = None):
+    """The model's tokenizer, or a ValueError that says where it was looked for and how to provide one."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_name_or_path, revision=revision)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ValueError(
+            f"model_name_or_path={model_name_or_path!r} has no usable tokenizer ({str(exc).splitlines()[0]}): save "
+            "one next to the model (tokenizer.save_pretrained(folder))"
+        ) from exc

@@ -6,8 +6,6 @@ the target context.
 
 from __future__ import annotations
 
-from transformers import AutoTokenizer
-
 from ..adapters.loading import parse_dtype
 from ..adapters.smollm2 import resolve_model_path
 from .arguments import CorpusArguments, LongLoraArguments, resume_arg
@@ -18,6 +16,7 @@ from .checks import (
     check_optimizer,
     check_steps,
     check_supported_keys,
+    load_tokenizer,
     remove_stale_checkpoints,
     stale_checkpoints,
 )
@@ -62,9 +61,7 @@ def run_pretraining(
     ]
     if sum(sources) != 1:
         raise ValueError("give exactly one of corpus (files, or 'stdlib') and dataset_name")
-    tokenizer = AutoTokenizer.from_pretrained(
-        model_args.model_name_or_path, revision=model_args.model_revision
-    )
+    tokenizer = load_tokenizer(model_args.model_name_or_path, revision=model_args.model_revision)
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token to join documents with")
     if corpus_args.dataset_name is not None:

@@ -6,8 +6,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from transformers import AutoTokenizer
-
 from ..adapters.loading import parse_dtype
 from ..adapters.smollm2 import resolve_model_path
 from .arguments import SFTDataArguments, resume_arg
@@ -17,6 +15,7 @@ from .checks import (
     check_no_sequence_parallelism,
     check_steps,
     check_supported_keys,
+    load_tokenizer,
     remove_stale_checkpoints,
     stale_checkpoints,
 )
@@ -68,6 +67,23 @@ def _token_ids(encoded) -> list[int]:
     return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
 
 
+def check_longalpaca_records(dataset) -> None:
+    """Every record has a string ``instruction`` and ``output`` (``input`` a string or missing): the error names
+    the first bad record (0-based, in file order) and field, before any work."""
+    shape = 'LongAlpaca records are {"instruction": str, "output": str, "input": str (optional)}'
+    columns = {
+        name: dataset[name] for name in ("instruction", "output", "input") if name in dataset.column_names
+    }
+    for index in range(len(dataset)):
+        for name, values in columns.items():
+            value = values[index]
+            if name == "input" and value is None:
+                continue
+            if not isinstance(value, str):
+                kind = "missing" if value is None else f"a {type(value).__name__}, not a string"
+                raise ValueError(f"SFT record {index}: {name!r} is {kind} ({shape})")
+
+
 def prepare_sft_dataset(dataset, tokenizer, data_args: SFTDataArguments, max_length: int | None):
     """Check fields, convert to prompt/completion, and apply the over-length policy. Returns (dataset, counts)."""
     for name in ("instruction", "output"):
@@ -75,6 +91,7 @@ def prepare_sft_dataset(dataset, tokenizer, data_args: SFTDataArguments, max_len
             raise ValueError(f"the SFT dataset has no {name!r} field (columns: {dataset.column_names})")
     if len(dataset) == 0:
         raise ValueError("the SFT dataset is empty")
+    check_longalpaca_records(dataset)
     keep = [c for c in dataset.column_names if c not in ("instruction", "output", "input")]
     converted = dataset.map(
         lambda r: longalpaca_to_prompt_completion(r, tokenizer, data_args.prompt_format),
@@ -138,12 +155,13 @@ def run_sft(
         model_args.model_name_or_path, longlora_args, revision=model_args.model_revision
     )
     if training_args.max_length is not None and training_args.max_length > target:
-        raise ValueError(f"max_length={training_args.max_length} exceeds context_length={target}")
+        raise ValueError(
+            f"max_length={training_args.max_length} exceeds the model's context of {target} tokens: set "
+            f"context_length: {training_args.max_length} to extend it with position interpolation, or lower max_length"
+        )
     if recipe_explicit is not None:
         scale_recipe("sft", recipe_explicit, model_args, longlora_args, training_args, target)
-    tokenizer = AutoTokenizer.from_pretrained(
-        model_args.model_name_or_path, revision=model_args.model_revision
-    )
+    tokenizer = load_tokenizer(model_args.model_name_or_path, revision=model_args.model_revision)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     raw = load_longalpaca(data_args, script_args, dataset_args)
