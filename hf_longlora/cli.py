@@ -520,7 +520,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, OSError, ImportError) as exc:  # OSError: missing files, a folder in the way, the network
+    except (
+        ValueError,
+        OSError,
+        ImportError,
+    ) as exc:  # OSError: missing files, a folder in the way, the network
         print(f"hf-longlora {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
