@@ -17,6 +17,13 @@ import sys
 DTYPE_CHOICES = ("bf16", "bfloat16", "float16", "float32", "fp16", "fp32", "half")
 
 
+# hf_longlora.evaluation's defaults, repeated so that --help imports no torch (tests/test_cli_startup.py keeps
+# them equal)
+PERPLEXITY_MODES = ("sliding", "non_overlapping")
+DEFAULT_STRIDE = 256
+DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
 def _dtype(name: str | None, flag: str = "--dtype"):
     from .adapters.loading import parse_dtype
 
@@ -143,6 +150,10 @@ def _eval(args: argparse.Namespace) -> int:
         extra={"data": args.data, "forgetting_data": args.forgetting_data or args.data},
     )
     settings.check()
+    if args.no_progress:
+        from ._quiet import hide_progress_bars
+
+        hide_progress_bars()
     from pathlib import Path
 
     earlier = [n for n in ("eval.json", "eval_summary.json") if (Path(args.out) / n).exists()]
@@ -172,9 +183,6 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _add_eval_parser(sub) -> None:
-    from .evaluation.passkey import DEFAULT_DEPTHS
-    from .evaluation.perplexity import DEFAULT_STRIDE, PERPLEXITY_MODES
-
     ev = sub.add_parser(
         "eval",
         help="perplexity per context length, passkey retrieval and forgetting, full attention (docs/evaluation.md)",
@@ -335,6 +343,12 @@ def _run_training(command: str, argv: list[str]) -> int:
                 f"unknown keys {unknown + [a for a in cli_rest if a.startswith('--')] or cli_rest}; "
                 f"`hf-longlora {command} --help` lists the accepted keys"
             )
+        longlora_args = parsed[2] if command == "train" else parsed[4]
+        if longlora_args.no_progress:
+            from ._quiet import hide_progress_bars
+
+            hide_progress_bars()
+            (parsed[3] if command == "train" else parsed[1]).disable_tqdm = True
         if command == "train":
             model_args, corpus_args, longlora_args, training_args = parsed
             run_pretraining(model_args, corpus_args, longlora_args, training_args, recipe_explicit=explicit)
@@ -512,6 +526,9 @@ def dashed_flags(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ._quiet import quiet_dependencies
+
+    quiet_dependencies()  # before bitsandbytes, DeepSpeed or PEFT are imported
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("train", "sft"):
         return _run_training(argv[0], argv[1:])

@@ -81,5 +81,6 @@ def test_cli_writes_jsonl(tmp_path, capsys):
     assert "wrote 8 LongAlpaca-format records (hotpotqa 3, passkey 2, squad 3)" in capsys.readouterr().out
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert records == build_longalpaca_sample(8, 1500, seed=2)
-    assert cli.main([*args[:4], "--length", "50"]) == 2  # checked before any work
-    assert "error: target_length must be >= 200" in capsys.readouterr().err
+    assert cli.main([*args[:4], "--length", "50", "--overwrite"]) == 2  # checked before any work
+    assert "error: --length must be >= 200" in capsys.readouterr().err  # the flag the user typed
+    assert records == [json.loads(line) for line in out.read_text().splitlines()]  # the earlier file is kept

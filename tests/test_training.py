@@ -161,7 +161,10 @@ def test_sft_bad_data_fails_before_loading(tmp_path, tiny_checkpoint, capsys):
     code, err = run([{"question": "q", "answer": "a"}])
     assert code == 2 and "the SFT dataset has no 'instruction' field" in err
     code, err = run([{"instruction": "q", "output": "a"}], max_length=512)
-    assert code == 2 and "max_length=512 exceeds context_length=256" in err
+    assert (
+        code == 2
+        and "max_length=512 exceeds the model's context of 256 tokens: set context_length: 512" in err
+    )
     code, err = run([{"instruction": "q", "output": "a"}], data_files=[str(tmp_path / "missing.jsonl")])
     assert code == 2 and "data_files not found" in err
     code, err = run(longalpaca_records(3, long_every=1))
@@ -454,8 +457,9 @@ def test_two_process_sft_on_cpu(tmp_path, tiny_checkpoint):
     )
     assert result.returncode == 0, result.stderr[-4000:]
     state = json.loads((tmp_path / "out" / "checkpoint-2" / "trainer_state.json").read_text())
-    # both ranks loaded the data and trained (one RNG state per rank in the checkpoint)
-    assert state["global_step"] == 2 and result.stdout.count("hf-longlora sft: 12 records") == 2
+    # both ranks trained (one RNG state per rank in the checkpoint); our lines print once, on the main process
+    assert state["global_step"] == 2 and result.stdout.count("hf-longlora sft: 12 records") == 1
+    assert result.stdout.count("hf-longlora sft: adapter saved to") == 1
     assert sorted(p.name for p in (tmp_path / "out" / "checkpoint-2").glob("rng_state_*.pth")) == [
         "rng_state_0.pth",
         "rng_state_1.pth",

@@ -62,6 +62,9 @@ class LongLoraArguments:
         },
     )
 
+    no_progress: bool = field(
+        default=False, metadata={"help": "No progress bars (the trainer's, model loading's, datasets')."}
+    )
     overwrite_output_dir: bool = field(
         default=False,
         metadata={

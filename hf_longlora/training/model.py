@@ -3,10 +3,12 @@ optional NF4) and wrapped with :func:`hf_longlora.get_longlora_model`, from the 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from transformers import set_seed
 
+from .._quiet import say
 from ..adapters.config import DEFAULT_TARGET_MODULES, LongLoraConfig
 from ..adapters.lifecycle import get_longlora_model
 from ..adapters.loading import parse_dtype
@@ -64,5 +66,20 @@ def load_for_training(model_args, longlora_args: LongLoraArguments, training_arg
     model.config.use_cache = False  # packed batches are only detected without a KV cache
     if model_args.load_in_4bit:
         quantized = sum(type(m).__name__ == "Linear4bit" for m in model.modules())
-        print(f"hf-longlora: base loaded in NF4 (bitsandbytes): {quantized} Linear4bit layers", flush=True)
+        say(f"hf-longlora: base loaded in NF4 (bitsandbytes): {quantized} Linear4bit layers")
     return get_longlora_model(model, longlora_config_from(model_args, longlora_args))
+
+
+def save_trained_adapter(trainer, command: str) -> Path:
+    """Save the final adapter with our model card as its README.md (PEFT writes an empty template) and say where."""
+    from ..adapters.hub import build_model_card
+
+    out = Path(trainer.args.output_dir)
+    trainer.save_model(str(out))
+    if trainer.is_world_process_zero():
+        (out / "README.md").write_text(str(build_model_card(out)), encoding="utf-8")
+    say(
+        f"hf-longlora {command}: adapter saved to {out} (evaluate: hf-longlora eval --model {out} ...; merge: "
+        f"hf-longlora merge --base BASE --adapter {out} --out DIR; Python: hf_longlora.load_adapter(BASE, {str(out)!r}))"
+    )
+    return out

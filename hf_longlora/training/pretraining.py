@@ -21,7 +21,7 @@ from .checks import (
     stale_checkpoints,
 )
 from .loss import ChunkedLossTrainer
-from .model import load_for_training
+from .model import load_for_training, save_trained_adapter
 from .recipe import scale_recipe
 
 
@@ -108,5 +108,5 @@ def run_pretraining(
     add_longlora_callbacks(trainer, callbacks)
     remove_stale_checkpoints(stale, training_args)
     trainer.train(resume_from_checkpoint=resume_arg(training_args))
-    trainer.save_model(training_args.output_dir)
+    save_trained_adapter(trainer, "train")
     return trainer

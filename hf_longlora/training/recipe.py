@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig
 
+from .._quiet import say
 from ..adapters.config import DEFAULT_TARGET_MODULES
 from ..attention.settings import S2Settings
 from .arguments import LongLoraArguments
@@ -138,9 +139,8 @@ def scale_recipe(
         config = AutoConfig.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
         if getattr(config.get_text_config(), "hidden_size", 0) >= 8192:
             training_args.learning_rate = changes["learning_rate"] = 1e-5
-    print(
+    say(
         f"hf-longlora {command}: recipe defaults scaled to the model and run: {changes}; "
-        f"precision: {describe_precision(training_args, explicit, model_args)}",
-        flush=True,
+        f"precision: {describe_precision(training_args, explicit, model_args)}"
     )
     return changes

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from .._quiet import say
 from ..adapters.loading import parse_dtype
 from ..adapters.smollm2 import resolve_model_path
 from .arguments import SFTDataArguments, resume_arg
@@ -19,7 +20,7 @@ from .checks import (
     remove_stale_checkpoints,
     stale_checkpoints,
 )
-from .model import load_for_training
+from .model import load_for_training, save_trained_adapter
 from .recipe import scale_recipe
 from .schedule import sft_trainer_class
 
@@ -166,11 +167,10 @@ def run_sft(
         tokenizer.pad_token = tokenizer.eos_token
     raw = load_longalpaca(data_args, script_args, dataset_args)
     dataset, counts = prepare_sft_dataset(raw, tokenizer, data_args, training_args.max_length)
-    print(
+    say(
         f"hf-longlora sft: {counts['records']} records; over max_length={training_args.max_length}: "
         f"{counts['overlong_dropped']} dropped, {counts['overlong_truncated']} truncated "
-        f"(overlong_policy={data_args.overlong_policy})",
-        flush=True,
+        f"(overlong_policy={data_args.overlong_policy})"
     )
     callbacks = build_callbacks(longlora_args, tokenizer, [])
 
@@ -184,5 +184,5 @@ def run_sft(
     add_longlora_callbacks(trainer, callbacks)
     remove_stale_checkpoints(stale, training_args)
     trainer.train(resume_from_checkpoint=resume_arg(training_args))
-    trainer.save_model(training_args.output_dir)
+    save_trained_adapter(trainer, "sft")
     return trainer, counts
