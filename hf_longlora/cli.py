@@ -144,6 +144,7 @@ def _eval(args: argparse.Namespace) -> int:
         passkey_depths=args.passkey_depths,
         passkey_trials=args.passkey_trials,
         forgetting_length=args.forgetting_length,
+        forgetting=not args.no_forgetting,
         seed=args.seed,
         dtype=_dtype(args.dtype),
         progress=not args.no_progress,
@@ -154,6 +155,14 @@ def _eval(args: argparse.Namespace) -> int:
         from ._quiet import hide_progress_bars
 
         hide_progress_bars()
+    from .evaluation.run import plots_available
+
+    if not plots_available():
+        print(
+            "hf-longlora eval: matplotlib is not installed: plots are skipped (pip install 'hf-longlora[eval]'); "
+            f"the table and the JSON files in {args.out} are written",
+            flush=True,
+        )
     from pathlib import Path
 
     earlier = [n for n in ("eval.json", "eval_summary.json") if (Path(args.out) / n).exists()]
@@ -178,7 +187,7 @@ def _eval(args: argparse.Namespace) -> int:
         out_dir=args.out,
     )
     print(format_table(results))
-    print(f"results, summary and plots written to {args.out}")
+    print(f"results, summary{' and plots' if plots_available() else ''} written to {args.out}")
     return 0
 
 
@@ -241,6 +250,9 @@ def _add_eval_parser(sub) -> None:
     )
     ev.add_argument(
         "--forgetting-length", type=int, default=None, help="default: the first model's original context"
+    )
+    ev.add_argument(
+        "--no-forgetting", action="store_true", help="skip the forgetting window (one pass less per model)"
     )
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument(

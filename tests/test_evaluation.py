@@ -325,3 +325,33 @@ def test_eval_context_length_belongs_to_the_model_before_it(tmp_path):
     entry = {"spec": f"ll={adapter}", "context_length": 256, "rope_method": None}
     with pytest.raises(ValueError, match="an adapter restores the context it was trained at"):
         cli._model_spec(entry, None)
+
+
+def test_forgetting_off_warnings_and_no_matplotlib(tmp_path, base_and_adapter, monkeypatch, caplog, capsys):
+    """forgetting=False skips the window (no column, no extra pass); lengths far beyond a model's context warn;
+    without matplotlib the JSON and the table are written, no plot, and the CLI says so before the work."""
+    from hf_longlora import cli
+    from hf_longlora.evaluation import run
+
+    base, adapter, _ = base_and_adapter
+    passes = []
+    real = run._perplexity
+    monkeypatch.setattr(run, "_perplexity", lambda *a, **k: passes.append(a[4]) or real(*a, **k))
+    settings = EvalSettings(lengths=[64, 300], max_windows=1, forgetting=False, progress=False)
+    caplog.set_level("WARNING")
+    results = evaluate_models([ModelSpec(str(base), label="base")], _documents(), settings)
+    assert results["models"]["base"]["forgetting"] is None and passes == ["base: perplexity"]
+    assert "forgetting" not in format_table(results)
+    assert "base has a context of 64 tokens; lengths [300] are more than 4x beyond it" in caplog.text
+    caplog.clear()
+    evaluate_models(
+        [ModelSpec(str(base), label="b")], _documents(), EvalSettings(lengths=[64, 256], max_windows=1)
+    )
+    assert "beyond it" not in caplog.text  # 4x is the demo's own extension: no warning
+    monkeypatch.setattr(run, "plots_available", lambda: False)
+    out = tmp_path / "noplots"
+    code = cli.main(["eval", "--model", str(base), "--data", "stdlib", "--max-documents", "1", "--lengths", "64",
+                     "--max-windows", "1", "--no-forgetting", "--out", str(out)])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert code == 0 and printed.index("plots are skipped") < printed.index("ppl@64")
+    assert sorted(p.name for p in out.iterdir()) == ["eval.json", "eval_summary.json"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import importlib.util
 import json
 import math
 from collections.abc import Sequence
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers.utils import logging
 
 from ..data import tokenize_documents
 from .models import load_for_evaluation, tokenizer_for
@@ -18,6 +20,11 @@ from .passkey import DEFAULT_DEPTHS, mean_accuracy, passkey_accuracy
 from .perplexity import DEFAULT_STRIDE, PERPLEXITY_MODES, perplexity, token_stream, window_starts
 
 RESULTS_FILE = "eval.json"
+logger = logging.get_logger(__name__)
+
+# a warning when a length is more than this many times a model's context (extrapolation far outside training)
+EXTRAPOLATION_WARNING = 4
+
 SUMMARY_FILE = "eval_summary.json"  # the short form model cards read (see hf_longlora.adapters.hub)
 
 
@@ -45,6 +52,7 @@ class EvalSettings:
     passkey_depths: Sequence[float] = DEFAULT_DEPTHS
     passkey_trials: int = 2
     forgetting_length: int | None = None  # default: the first model's original context
+    forgetting: bool = True  # False: no forgetting window (one pass less per model)
     seed: int = 0
     dtype: torch.dtype | None = None
     progress: bool = True
@@ -158,19 +166,33 @@ def evaluate_models(
             "context": loaded.context,
             "eval_tokens": len(stream),
         }
+        beyond = [
+            n
+            for n in [*settings.lengths, *settings.passkey_lengths]
+            if n > EXTRAPOLATION_WARNING * loaded.context
+        ]
+        if beyond:
+            logger.warning(
+                f"{label} has a context of {loaded.context} tokens; lengths {sorted(set(beyond))} are more than "
+                f"{EXTRAPOLATION_WARNING}x beyond it: they measure extrapolation (expect high perplexity) and cost "
+                "time and memory that grow with the length"
+            )
         entry["perplexity"] = _perplexity(
             loaded.model, stream, settings.lengths, settings, f"{label}: perplexity"
         )
-        if forgetting_length is None:
+        if not settings.forgetting:
+            entry["forgetting"] = None
+        elif forgetting_length is None:
             forgetting_length = loaded.original_context
-        if same_text and forgetting_length in entry["perplexity"]:  # already measured on the same windows
-            forgetting_ppl = entry["perplexity"][forgetting_length]
-        else:
-            forgetting_stream = token_stream(tokenize_documents(tokenizer, forgetting_documents), eos)
-            forgetting_ppl = _perplexity(
-                loaded.model, forgetting_stream, [forgetting_length], settings, f"{label}: forgetting"
-            )[forgetting_length]
-        entry["forgetting"] = {"length": forgetting_length, "perplexity": forgetting_ppl}
+        if settings.forgetting:
+            if same_text and forgetting_length in entry["perplexity"]:  # already measured on the same windows
+                forgetting_ppl = entry["perplexity"][forgetting_length]
+            else:
+                forgetting_stream = token_stream(tokenize_documents(tokenizer, forgetting_documents), eos)
+                forgetting_ppl = _perplexity(
+                    loaded.model, forgetting_stream, [forgetting_length], settings, f"{label}: forgetting"
+                )[forgetting_length]
+            entry["forgetting"] = {"length": forgetting_length, "perplexity": forgetting_ppl}
         if settings.passkey_lengths:
             cells = passkey_accuracy(
                 loaded.model,
@@ -188,10 +210,11 @@ def evaluate_models(
         del loaded
         gc.collect()
 
-    baseline = results["models"][labels[0]]["forgetting"]["perplexity"]
-    for label in labels:
-        forgetting = results["models"][label]["forgetting"]
-        forgetting["change_vs_" + labels[0]] = forgetting["perplexity"] / baseline - 1.0
+    if settings.forgetting:
+        baseline = results["models"][labels[0]]["forgetting"]["perplexity"]
+        for label in labels:
+            forgetting = results["models"][label]["forgetting"]
+            forgetting["change_vs_" + labels[0]] = forgetting["perplexity"] / baseline - 1.0
     if out_dir is not None:
         write_outputs(results, out_dir)
     return results
@@ -220,15 +243,22 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def write_outputs(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
-    """``eval.json``, ``eval_summary.json``, ``perplexity.png`` and ``passkey_<label>.png`` in ``out_dir``."""
-    from .plots import plot_passkey_heatmap, plot_perplexity
+def plots_available() -> bool:
+    """Whether matplotlib is installed (``pip install 'hf-longlora[eval]'``); without it only JSON is written."""
+    return importlib.util.find_spec("matplotlib") is not None
 
+
+def write_outputs(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
+    """``eval.json``, ``eval_summary.json``, and with matplotlib ``perplexity.png`` and ``passkey_<label>.png``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"results": out / RESULTS_FILE, "summary": out / SUMMARY_FILE}
     paths["results"].write_text(json.dumps(_jsonable(results), indent=2) + "\n", encoding="utf-8")
     paths["summary"].write_text(json.dumps(_jsonable(summary_of(results)), indent=2) + "\n", encoding="utf-8")
+    if not plots_available():
+        return paths
+    from .plots import plot_passkey_heatmap, plot_perplexity
+
     models = results["models"]
     natives = {entry["original_context"] for entry in models.values()}
     paths["perplexity_plot"] = plot_perplexity(
@@ -254,19 +284,27 @@ def format_table(results: dict[str, Any]) -> str:
     lengths = sorted({n for entry in models.values() for n in entry["perplexity"]})
     passkey_lengths = sorted({n for entry in models.values() for n in entry.get("passkey_accuracy", {})})
     first = next(iter(models))
+    with_forgetting = models[first].get("forgetting") is not None
+    forgetting_header = (
+        [f"forgetting ppl@{models[first]['forgetting']['length']}", f"vs {first}"] if with_forgetting else []
+    )
     header = (
         ["model"]
         + [f"ppl@{n}" for n in lengths]
-        + [f"forgetting ppl@{models[first]['forgetting']['length']}", f"vs {first}"]
+        + forgetting_header
         + [f"passkey@{n}" for n in passkey_lengths]
     )
     rows = [header]
     for label, entry in models.items():
-        forgetting = entry["forgetting"]
+        forgetting = entry.get("forgetting")
         rows.append(
             [label]
             + [f"{entry['perplexity'][n]:.2f}" if n in entry["perplexity"] else "" for n in lengths]
-            + [f"{forgetting['perplexity']:.2f}", f"{forgetting['change_vs_' + first]:+.1%}"]
+            + (
+                [f"{forgetting['perplexity']:.2f}", f"{forgetting['change_vs_' + first]:+.1%}"]
+                if forgetting
+                else []
+            )
             + [
                 f"{entry['passkey_accuracy'][n]:.0%}" if n in entry.get("passkey_accuracy", {}) else ""
                 for n in passkey_lengths
