@@ -195,3 +195,76 @@ def test_lora_training_with_s2_lowers_the_loss(arch):
         losses.append(loss.item())
     assert losses[-1] < 0.85 * losses[0], losses
     assert all(b < a for a, b in zip(losses[:6], losses[1:6], strict=False)), losses
+
+
+# --------------------------------------------------------------- models S2-Attn cannot go into: a clear "no"
+
+# found by probing every causal LM of transformers (issue 13): they compute attention in their own code
+NO_ATTENTION_INTERFACE = [
+    "bloom", "big_bird", "bigbird_pegasus", "gpt_neox_japanese", "megatron-bert", "mvp", "rembert", "roformer",
+    "trocr", "xglm", "openai-gpt", "prophetnet", "falcon", "gpt_neo", "git", "mpt",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("model_type", NO_ATTENTION_INTERFACE)
+def test_models_without_attention_interface_are_refused_at_load(model_type):
+    """Refused in the model's __init__, before any layer is built (the default configs here are large: building
+    them would take seconds), with a message that names the model type and what to use instead. They used to be
+    accepted (bloom: causality broken) or crash with KeyError / AttributeError (falcon, gpt_neo, git, mpt)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(model_type)
+    with pytest.raises(
+        ValueError, match=rf"model_type '{model_type}'\) computes attention in its own code"
+    ) as info:
+        AutoModelForCausalLM.from_config(config, attn_implementation="s2_attention")
+    assert "attn_implementation='sdpa' or 'eager'" in str(info.value) and "docs/models.md" in str(info.value)
+
+
+def test_the_refusal_follows_transformers_own_flag_for_every_causal_lm():
+    """For every causal-LM class transformers ships, refused exactly when it does not declare AttentionInterface
+    support; the families we support (Llama, Mistral, Qwen2, GPT-2, OPT, Gemma2, gpt-oss) are not refused."""
+    import importlib
+
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from hf_longlora.attention.backend import check_model_supports_s2
+
+    refused, accepted = set(), set()
+    for model_type, class_name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items():
+        cls = getattr(importlib.import_module("transformers"), class_name, None)
+        if cls is None:
+            continue
+        try:
+            check_model_supports_s2(cls, model_type)
+            accepted.add(model_type)
+        except ValueError:
+            refused.add(model_type)
+        assert (model_type in accepted) == bool(getattr(cls, "_supports_attention_backend", False))
+    assert {"llama", "mistral", "qwen2", "gpt2", "opt", "gemma2", "gpt_oss"} <= accepted
+    assert {"bloom", "falcon", "gpt_neo", "mpt", "xglm"} <= refused
+
+
+def test_other_implementations_of_refused_models_are_untouched():
+    from transformers import BloomConfig
+
+    config = BloomConfig(hidden_size=32, n_layer=1, n_head=2, vocab_size=128, bos_token_id=0, eos_token_id=1)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    assert model.config._attn_implementation == "eager"
+
+
+def test_dense_fallback_output_is_contiguous_in_a_model_that_views_it():
+    """A sliding window narrower than the S2 groups takes the dense path; its output must be contiguous, since
+    models .view() it (afmoe crashed: "view size is not compatible with input tensor's size and stride")."""
+    from transformers import AfmoeConfig
+
+    torch.manual_seed(0)
+    config = AfmoeConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+        intermediate_size=64, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2, num_dense_layers=1,
+        vocab_size=128, sliding_window=5, layer_types=["sliding_attention", "full_attention"],
+        s2_group_size=8,
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="s2_attention").train()
+    ids = torch.randint(0, 128, (1, 32))
+    model(input_ids=ids, labels=ids, use_cache=False).loss.backward()  # raised before

@@ -363,7 +363,8 @@ def _attend_dense(
                 )
             )
     out = torch.cat(outputs, dim=1).transpose(1, 2)  # (B, L, H, Dv)
-    return torch.where(valid[:, :, None, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+    out = torch.where(valid[:, :, None, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+    return out.contiguous()  # as transformers' sdpa returns it: models .view() the output
 
 
 def s2_attention_forward(
@@ -464,3 +465,45 @@ def register_s2_attention() -> None:
     AttentionInterface.register(S2_ATTENTION, s2_attention_forward)
     AttentionMaskInterface.register(S2_ATTENTION, sdpa_mask)
     install_config_knobs()
+    _refuse_models_without_attention_interface()
+
+
+def _uses_s2(implementation) -> bool:
+    if isinstance(implementation, dict):
+        return any(_uses_s2(v) for v in implementation.values())
+    return implementation == S2_ATTENTION
+
+
+def check_model_supports_s2(model_class: type, model_type: str | None) -> None:
+    """Refuse a model whose attention does not go through transformers' AttentionInterface (its class says
+    ``_supports_attention_backend = False``: bloom, falcon, gpt_neo, mpt, xglm, ...). transformers would accept the
+    name, S2-Attn would never run, and the model would get a mask format it does not expect (causality breaks)."""
+    if getattr(model_class, "_supports_attention_backend", False):
+        return
+    raise ValueError(
+        f"{model_class.__name__} (model_type {model_type!r}) computes attention in its own code, not through "
+        "transformers' AttentionInterface, so attn_implementation='s2_attention' cannot run S2-Attn there. Use it with "
+        "attn_implementation='sdpa' or 'eager' (plain LoRA, no S2-Attn), or a model family that supports it "
+        "(docs/models.md lists them: Llama, Mistral, Qwen, Gemma, GPT-NeoX, GPT-2, OPT, ...)."
+    )
+
+
+def _refuse_models_without_attention_interface() -> None:
+    """Wrap ``PreTrainedModel._check_and_adjust_attn_implementation`` (run in every model's ``__init__``, before its
+    layers are built) so that choosing ``s2_attention`` for such a model fails at once with
+    :func:`check_model_supports_s2`'s message. Idempotent; other implementations pass through untouched."""
+    from transformers import PreTrainedModel
+
+    original = PreTrainedModel._check_and_adjust_attn_implementation
+    if getattr(original, "_hf_longlora_checked", False):
+        return
+
+    def checked(self, attn_implementation, *args, **kwargs):
+        if _uses_s2(attn_implementation):
+            check_model_supports_s2(type(self), getattr(self.config, "model_type", None))
+        return original(self, attn_implementation, *args, **kwargs)
+
+    checked._hf_longlora_checked = True
+    checked.__wrapped__ = original
+    checked.__doc__ = original.__doc__
+    PreTrainedModel._check_and_adjust_attn_implementation = checked
