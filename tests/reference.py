@@ -50,6 +50,9 @@ def reference_attention(
     shift: str = "partition",
     scale: float | None = None,
     full: bool = False,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+    extra_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dense S2-Attn.
 
@@ -58,6 +61,9 @@ def reference_attention(
         documents: per batch row, a list of documents, each the list of its real token positions in order.
             Positions in no document are padding: their outputs are 0.
         full: plain causal attention within documents (what eval mode must give).
+        softcap: scores -> softcap * tanh(scores / softcap) before masking (Gemma 2).
+        sinks: (H,) one extra logit per head in every row's softmax, attending nothing (gpt-oss).
+        extra_mask: bool (B, 1 or H, L, L) ANDed with the S2 pattern (a sliding window, a custom mask).
 
     Returns:
         (B, L, H, D)
@@ -79,10 +85,22 @@ def reference_attention(
                 else:
                     m = document_mask(n, group, shifted=h >= first_shifted, shift=shift)
                 mask[b, h][idx[:, None], idx[None, :]] = m
+    if extra_mask is not None:
+        mask = mask & extra_mask
     scale = scale if scale is not None else 1.0 / math.sqrt(dim)
     scores = (query @ k.transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     scores = scores.masked_fill(~mask, float("-inf"))
     has_any = mask.any(-1, keepdim=True)
-    probs = torch.softmax(scores.masked_fill(~has_any, 0.0), dim=-1) * has_any
+    scores = scores.masked_fill(~has_any, 0.0)
+    if sinks is not None:
+        # softmax over [scores, sink]: exp(s_j) / (sum_k exp(s_k) + exp(sink)), written out
+        top = torch.maximum(scores.amax(-1, keepdim=True), sinks.view(1, -1, 1, 1))
+        weights = torch.exp(scores - top) * mask
+        probs = weights / (weights.sum(-1, keepdim=True) + torch.exp(sinks.view(1, -1, 1, 1) - top))
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    probs = probs * has_any
     out = probs @ v  # (B, H, L, D)
     return out.transpose(1, 2)

@@ -23,6 +23,7 @@ fallback: the model's mask AND the S2 pattern, with a one-time warning.
 
 from __future__ import annotations
 
+import sys
 import weakref
 from dataclasses import dataclass, field
 
@@ -33,6 +34,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.utils import logging
 
+from .eager import eager_attention, eager_varlen_attention
 from .flash import flash_varlen_attention, use_flash_attn
 from .groups import S2Plan, gqa_pieces, plan_s2, split_heads
 from .sdpa import sdpa_varlen_attention
@@ -41,7 +43,9 @@ from .settings import S2Settings, install_config_knobs
 logger = logging.get_logger(__name__)
 
 S2_ATTENTION = "s2_attention"
-_UNSUPPORTED_KWARGS = ("softcap", "position_bias", "s_aux", "sinks")
+_UNSUPPORTED_KWARGS = ("position_bias",)
+# the attention-sink kwarg names models pass (gpt-oss and its kin: ``s_aux``)
+_SINK_KWARGS = ("s_aux", "sinks")
 # rows of the mask checked at a time when verifying its structure (bounds the temporary memory)
 _VERIFY_ROWS = 1024
 
@@ -251,8 +255,13 @@ def _attend_packed(
     *,
     scale: float | None,
     dropout: float,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """S2-Attn over packed tokens: ``query (T, H, D)``, ``key/value (T, Hkv, D)`` -> ``(T, H, Dv)``.
+
+    ``softcap`` (tanh capping of the scores) and ``sinks`` (``(H,)``, one sink logit per head) go to the eager
+    kernel (:mod:`.eager`), or to flash-attn for softcap alone on CUDA.
 
     The heads are cut into pieces (``gqa_pieces`` of each half), each attending with its own segments. Q, K
     and V are cut with one ``split`` each rather than a slice per piece: the backward of a split is a single
@@ -260,7 +269,13 @@ def _attend_packed(
     """
     num_heads, num_kv_heads = query.shape[1], key.shape[1]
     rep = num_heads // num_kv_heads
-    varlen = flash_varlen_attention if use_flash_attn(query) else sdpa_varlen_attention
+    if sinks is not None:
+        varlen = eager_varlen_attention  # flash-attn 2 has no sinks
+    elif use_flash_attn(query):
+        varlen = flash_varlen_attention
+    else:
+        varlen = eager_varlen_attention if softcap is not None else sdpa_varlen_attention
+    extra = {"softcap": softcap} if softcap is not None else {}
     unshifted, shifted = split_heads(num_heads)
     pieces = [
         (q_heads, kv_heads, cu_seqlens, permutation)
@@ -282,11 +297,13 @@ def _attend_packed(
         return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=1)
 
     outputs = []
-    for q, (_, kv_heads, cu_seqlens, permutation) in zip(queries, pieces, strict=True):
+    for q, (q_heads, kv_heads, cu_seqlens, permutation) in zip(queries, pieces, strict=True):
         k, v = kv_piece(key_parts, kv_heads), kv_piece(value_parts, kv_heads)  # (T, hkv, D)
         if permutation is not None:  # "roll": the paper's order, wrap-around included
             q, k, v = (t.index_select(0, permutation) for t in (q, k, v))
-        out = varlen(q, k, v, cu_seqlens, scale=scale, dropout_p=dropout)  # (T, h, Dv)
+        if sinks is not None:
+            extra["sinks"] = sinks[q_heads.start : q_heads.stop]  # this piece's heads
+        out = varlen(q, k, v, cu_seqlens, scale=scale, dropout_p=dropout, **extra)  # (T, h, Dv)
         if permutation is not None:  # roll back
             out = torch.empty_like(out).index_copy(0, permutation, out)
         outputs.append(out)
@@ -325,7 +342,7 @@ def _allowed_by_plan(plan: S2Plan, layout: _Layout, batch: int, length: int, dev
 
 
 def _attend_dense(
-    query, key, value, model_mask, layout: _Layout, plan: S2Plan, *, scale, dropout
+    query, key, value, model_mask, layout: _Layout, plan: S2Plan, *, scale, dropout, softcap=None, sinks=None
 ) -> torch.Tensor:
     """Fallback for masks beyond padding/packing: the model's mask AND the S2 pattern, per head half."""
     batch, num_heads, length, _ = query.shape
@@ -351,11 +368,30 @@ def _attend_dense(
                 keep = m.masked_fill(~allowed[half][:, None], float("-inf"))
                 empty = torch.isinf(keep).all(-1, keepdim=True) & eye
                 keep = keep.masked_fill(empty, 0.0)
+            q, k, v = (
+                query[:, q_heads.start : q_heads.stop],
+                key[:, kv_heads.start : kv_heads.stop],
+                value[:, kv_heads.start : kv_heads.stop],
+            )
+            if softcap is not None or sinks is not None:
+                outputs.append(
+                    eager_attention(
+                        q,
+                        k,
+                        v,
+                        keep,
+                        scale=scale if scale is not None else query.shape[-1] ** -0.5,
+                        softcap=softcap,
+                        sinks=None if sinks is None else sinks[q_heads.start : q_heads.stop],
+                        dropout_p=dropout,
+                    )  # fmt: skip
+                )
+                continue
             outputs.append(
                 F.scaled_dot_product_attention(
-                    query[:, q_heads.start : q_heads.stop],
-                    key[:, kv_heads.start : kv_heads.stop],
-                    value[:, kv_heads.start : kv_heads.stop],
+                    q,
+                    k,
+                    v,
                     attn_mask=keep,
                     dropout_p=dropout,
                     scale=scale,
@@ -405,10 +441,16 @@ def s2_attention_forward(
     """
     q_len, kv_len = query.shape[2], key.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    softcap = kwargs.get("softcap")
+    sinks = next((kwargs[name] for name in _SINK_KWARGS if kwargs.get(name) is not None), None)
     if not module.training or q_len != kv_len or q_len <= 1 or not causal:
         if module.training and not causal:
             logger.warning_once("s2_attention: non-causal attention module, using full sdpa attention.")
         ATTENTION_CALLS["full"] += 1
+        if softcap is not None or sinks is not None:  # transformers' sdpa drops sinks and refuses softcap
+            return model_eager_attention(
+                module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+            )
         return sdpa_attention_forward(
             module,
             query,
@@ -439,8 +481,9 @@ def s2_attention_forward(
             "narrower than the S2 groups); applying S2-Attn on top of it with a dense mask, which is slower."
         )
         return _attend_dense(
-            query, key, value, attention_mask, layout, plan, scale=scaling, dropout=dropout
-        ), None
+            query, key, value, attention_mask, layout, plan, scale=scaling, dropout=dropout,
+            softcap=softcap, sinks=sinks,
+        ), None  # fmt: skip
 
     # (B, H, L, D) is a transposed view of (B, L, H, D) in transformers' models: packing it is free
     q = query.transpose(1, 2).reshape(batch * length, num_heads, head_dim)  # (B*L, H, D)
@@ -450,10 +493,42 @@ def s2_attention_forward(
         q, k, v = (t.index_select(0, layout.token_index) for t in (q, k, v))
     if plan.total_tokens == 0:
         return query.new_zeros(batch, length, num_heads, value.shape[-1]), None
-    out = _attend_packed(q, k, v, plan, order, scale=scaling, dropout=dropout)  # (T, H, Dv)
+    out = _attend_packed(
+        q, k, v, plan, order, scale=scaling, dropout=dropout, softcap=softcap, sinks=sinks
+    )  # (T, H, Dv)
     if layout.token_index is not None:  # pad positions output zeros
         out = out.new_zeros(batch * length, num_heads, out.shape[-1]).index_copy(0, layout.token_index, out)
     return out.view(batch, length, num_heads, -1), None
+
+
+def additive_mask(
+    attention_mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor
+) -> torch.Tensor:
+    """The additive float mask models' eager attention adds to the scores, from the ``sdpa`` mask: None means
+    causal (bottom-right aligned: query i of Lq sees keys up to Lk - Lq + i), bool True means attend."""
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if attention_mask is None:
+        keep = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
+        attention_mask = keep[None, None]  # (1, 1, Lq, Lk)
+    if attention_mask.dtype != torch.bool:
+        return attention_mask
+    minimum = torch.finfo(query.dtype).min
+    return torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+        ~attention_mask, minimum
+    )
+
+
+def model_eager_attention(module, query, key, value, attention_mask, **kwargs) -> tuple[torch.Tensor, None]:
+    """Full attention with the model's own ``eager_attention_forward`` (found in the module's modeling file): the
+    exact reference for models whose attention has sinks or soft-capping, in evaluation and generation."""
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if eager is None:
+        raise ValueError(
+            f"{type(module).__name__} passes attention sinks or softcap but its module has no "
+            "eager_attention_forward to evaluate them exactly; use attn_implementation='eager' for evaluation"
+        )
+    out, _ = eager(module, query, key, value, additive_mask(attention_mask, query, key), **kwargs)
+    return out, None
 
 
 def register_s2_attention() -> None:

@@ -35,6 +35,7 @@ def flash_varlen_attention(
     *,
     scale: float | None = None,
     dropout_p: float = 0.0,
+    softcap: float | None = None,
     varlen_func: Callable | None = None,
 ) -> torch.Tensor:
     """Same contract as :func:`hf_longlora.attention.sdpa.sdpa_varlen_attention`, on ``flash_attn_varlen_func``.
@@ -42,6 +43,8 @@ def flash_varlen_attention(
     Args:
         query: ``(T, Hq, D)``; key, value: ``(T, Hkv, D)`` with ``Hq % Hkv == 0`` (flash-attn does GQA).
         cu_seqlens: ``[0, ..., T]`` segment boundaries, the same for queries and keys.
+        softcap: tanh soft-capping of the scores (flash-attn >= 2.6's ``softcap``); flash-attn 2 has no sinks,
+            so sinks never come here.
         varlen_func: the kernel; defaults to flash-attn's (tests pass an emulation).
     """
     varlen_func = varlen_func or load_flash_attn_varlen_func()
@@ -59,4 +62,5 @@ def flash_varlen_attention(
         dropout_p=dropout_p,
         softmax_scale=scale,
         causal=True,
+        **({"softcap": softcap} if softcap is not None else {}),
     )
