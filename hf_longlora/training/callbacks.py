@@ -14,16 +14,26 @@ Metrics are added to the trainer's log entries (``trainer.state.log_history`` an
   held-out long documents and passkey retrieval accuracy, with full attention (eval mode).
 - :class:`StopOnNonFiniteLossCallback`: a NaN or inf loss (or gradient norm) stops training with a clear error, before
   a checkpoint of the broken state is saved.
+- :class:`StopOnSignalCallback`: SIGINT (Ctrl-C) or SIGTERM stops training at the end of the current step with a
+  checkpoint of that step; a second signal stops at once.
+
+:func:`last_complete_checkpoint` is the newest checkpoint a killed run left whole (what ``resume_from_checkpoint: true``
+resumes from, see :class:`hf_longlora.training.schedule.ResumeFromCompleteCheckpointMixin`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import os
 import resource
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
@@ -265,20 +275,110 @@ class StopOnNonFiniteLossCallback(TrainerCallback):
         for key in ("loss", "grad_norm"):
             value = logs.get(key)
             if isinstance(value, (int, float)) and not math.isfinite(value):
-                last = state.best_model_checkpoint or _last_checkpoint(args.output_dir)
+                last = state.best_model_checkpoint or last_complete_checkpoint(args.output_dir)
                 raise NonFiniteLossError(
                     f"training stopped at step {state.global_step}: {key} is {value}. Last good checkpoint: "
                     f"{last or 'none saved yet'}. Lower the learning rate, check the data, or use bf16/fp32."
                 )
 
 
-def _last_checkpoint(output_dir: str) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+class StopOnSignalCallback(TrainerCallback):
+    """SIGINT (Ctrl-C) or SIGTERM stops training cleanly, with a checkpoint of the last finished step.
+
+    The handlers are installed at train begin (main thread only) and the previous ones put back at train end. The
+    first signal lets the current optimizer step finish; at its end the trainer saves ``checkpoint-<step>`` (even
+    off ``save_steps``) and stops, and the run ends as usual (the adapter is saved to ``output_dir``) and exits 0.
+    Resume with ``resume_from_checkpoint: true``. The first signal also puts the previous handlers back, so a second
+    one acts at once as it would have without this callback (KeyboardInterrupt for SIGINT).
+
+    Under several processes (torchrun, accelerate) the ranks agree at every step end (a one-element all-reduce), so
+    all of them stop at the same step however the signal reached them.
+    """
+
+    def __init__(self, signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM)) -> None:
+        self.signals = tuple(signals)
+        self.received: int | None = None
+        self.stopped_at: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        self.received = signum
+        self._restore()
+        logger.warning(
+            f"{signal.Signals(signum).name} received: training stops with a checkpoint at the end of this step "
+            "(send it again to stop at once)"
+        )
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+        self._previous = {}
+
+    def _any_rank_received(self, args) -> bool:
+        received = self.received is not None
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            flag = torch.tensor([int(received)], device=args.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            received = bool(flag.item())
+        return received
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.received = self.stopped_at = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.signals}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._any_rank_received(args):
+            control.should_save = True
+            control.should_training_stop = True
+            self.stopped_at = state.global_step
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._restore()
+        if self.stopped_at is not None:
+            name = (
+                signal.Signals(self.received).name
+                if self.received is not None
+                else "a signal on another rank"
+            )
+            checkpoint = os.path.join(args.output_dir, f"checkpoint-{self.stopped_at}")
+            logger.warning(
+                f"training interrupted by {name} after step {self.stopped_at} of {state.max_steps}: saved "
+                f"{checkpoint}; resume_from_checkpoint: true continues from it"
+            )
+
+
+def checkpoint_is_complete(path: str | os.PathLike) -> bool:
+    """Whether a ``checkpoint-*`` folder was written whole: transformers' ``Trainer._save_checkpoint`` writes the
+    weights, optimizer, scheduler and RNG state into the folder itself and ``trainer_state.json`` last, so a run killed
+    while saving leaves a folder without a readable one."""
+    try:
+        state = json.loads((Path(path) / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(state, dict) and "global_step" in state
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The ``checkpoint-<step>`` folder of ``output_dir`` with the highest step that :func:`checkpoint_is_complete`,
+    or None. Incomplete newer ones are logged as skipped (and left untouched)."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
     try:
-        return get_last_checkpoint(output_dir)
-    except (FileNotFoundError, OSError):
+        folders = [p for p in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir()]
+    except OSError:
         return None
+    steps = sorted(
+        (int(p.name.rpartition("-")[2]), p) for p in folders if p.name.rpartition("-")[2].isdigit()
+    )
+    for _, path in reversed(steps):
+        if checkpoint_is_complete(path):
+            return str(path)
+        logger.warning(
+            f"{path} is incomplete (no readable trainer_state.json: the run was killed while saving it)"
+        )
+    return None
 
 
 def add_longlora_callbacks(trainer, callbacks: Sequence[TrainerCallback]) -> None:
@@ -301,9 +401,15 @@ def _held_out_tokens(paths: list[str], tokenizer, needed: int) -> list[list[int]
 
 
 def build_callbacks(longlora_args, tokenizer, eval_token_ids) -> list:
-    """The callbacks of a training run: non-finite-loss stop, throughput/memory, S2 state, and the long-context
-    evaluation when ``long_eval_lengths`` or ``passkey_lengths`` are set (``longlora_args``: LongLoraArguments)."""
-    callbacks = [StopOnNonFiniteLossCallback(), ThroughputMemoryCallback(), S2StateCallback()]
+    """The callbacks of a training run: non-finite-loss stop, throughput/memory, S2 state, the stop on SIGINT/SIGTERM,
+    and the long-context evaluation when ``long_eval_lengths`` or ``passkey_lengths`` are set (``longlora_args``:
+    LongLoraArguments)."""
+    callbacks = [
+        StopOnNonFiniteLossCallback(),
+        ThroughputMemoryCallback(),
+        S2StateCallback(),
+        StopOnSignalCallback(),
+    ]
     lengths = longlora_args.long_eval_lengths or []
     passkeys = longlora_args.passkey_lengths or []
     if lengths or passkeys:

@@ -33,7 +33,7 @@ from peft.utils import ModulesToSaveWrapper
 from torch.utils.checkpoint import checkpoint
 from transformers import Trainer
 
-from .schedule import FirstStepLearnsMixin
+from .schedule import FirstStepLearnsMixin, ResumeFromCompleteCheckpointMixin
 
 IGNORE_INDEX = -100
 DEFAULT_CHUNK_SIZE = 1024
@@ -235,7 +235,7 @@ def causal_lm_loss(
     )
 
 
-class ChunkedLossTrainer(FirstStepLearnsMixin, Trainer):
+class ChunkedLossTrainer(FirstStepLearnsMixin, ResumeFromCompleteCheckpointMixin, Trainer):
     """transformers' ``Trainer`` whose causal-LM loss never holds the whole sequence's logits.
 
     Same loss, gradients and gradient-accumulation semantics as ``Trainer.compute_loss`` (``num_items_in_batch``,
