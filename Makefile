@@ -42,3 +42,8 @@ bench: $(VENV)/.installed
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Targeted mutation testing (tools/mutations.py): each plausible bug must make a test fail. Not part of `make test`.
+.PHONY: mutations
+mutations: $(VENV)/.installed
+	$(PY) tools/mutations.py

@@ -152,7 +152,9 @@ def test_eval_and_generate_equal_the_models_eager_attention(model_type):
             s2(ids, attention_mask=mask).logits[mask.bool()], eager(ids, attention_mask=mask).logits[mask.bool()],
             atol=1e-5, rtol=1e-5,
         )  # fmt: skip
-        if model_type == "gpt_oss":  # the sinks matter here: a path that drops them (transformers' sdpa) is off
+        if (
+            model_type == "gpt_oss"
+        ):  # the sinks matter here: a path that drops them (transformers' sdpa) is off
             dropped = tiny_model(model_type, "eager").eval()
             dropped.load_state_dict(s2.state_dict())
             for layer in dropped.model.layers:

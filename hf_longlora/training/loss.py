@@ -204,7 +204,13 @@ def supports_chunked_loss(model: torch.nn.Module) -> bool:
     if config is None or model.get_output_embeddings() is None:
         return False
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return not any(getattr(text_config, name, None) not in (None, 1.0) for name in _LOGIT_TRANSFORMS)
+    for name in _LOGIT_TRANSFORMS:
+        value = getattr(text_config, name, None)
+        # a scale or multiplier of 1.0 changes nothing; any soft-cap does (1.0 squeezes logits into (-1, 1))
+        neutral = (None,) if name.endswith("softcapping") else (None, 1.0)
+        if value not in neutral:
+            return False
+    return True
 
 
 def causal_lm_loss(

@@ -1,0 +1,704 @@
+"""Targeted mutation testing: put one plausible bug at a time into a copy of hf_longlora and check a test fails.
+
+Each entry of ``MUTATIONS`` names a file under hf_longlora/, an exact snippet of it (which must occur exactly once),
+its replacement (the bug), what the bug means, and the smallest set of tests that should notice. For each one the
+script copies hf_longlora/, tests/ and pyproject.toml (the pytest settings) to a temporary directory, applies the
+one replacement there, checks that Python imports the copy (not /work/main's editable install), and runs::
+
+    python -m pytest -x -q -p no:cacheprovider -m "not slow" <tests>
+
+with ``PYTHONPATH`` pointing at the copy. A failing run kills the mutation; a passing run means it SURVIVED (the
+tests miss that bug). Any other pytest exit code (no tests collected, usage error) is reported as ERROR. Rows
+whose killing test is slow run with ``-m ""``.
+
+Usage (from the repository root; ``make mutations`` runs them all)::
+
+    python tools/mutations.py                 # every mutation, then the table
+    python tools/mutations.py --only roll     # the mutations whose name contains "roll"
+    python tools/mutations.py --list          # the list, each snippet checked against the sources, no tests
+    python tools/mutations.py --baseline      # first run the selected tests unmutated (they must pass)
+
+Exit status: 0 when every selected mutation was killed, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+KILLS = "tests/test_mutation_kills.py"
+# pytest exit codes: 0 all passed, 1 some test failed; anything else is a problem with the run itself
+PASSED, FAILED = 0, 1
+TIMEOUT_S = 900
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    file: str  # relative to the repository root
+    original: str  # exact text, found exactly once
+    replacement: str
+    description: str
+    tests: tuple[str, ...]  # test files or node ids, relative to the repository root
+    slow: bool = False  # the killing test is marked slow: run with -m ""
+
+
+def _m(name, file, original, replacement, description, *tests, slow=False) -> Mutation:
+    return Mutation(name, file, original, replacement, description, tests or (KILLS,), slow)
+
+
+BACKEND = "hf_longlora/attention/backend.py"
+SDPA = "hf_longlora/attention/sdpa.py"
+LOSS = "hf_longlora/training/loss.py"
+LIFECYCLE = "hf_longlora/adapters/lifecycle.py"
+CONTEXT = "hf_longlora/adapters/context.py"
+MERGE = "hf_longlora/adapters/merge.py"
+CHECKS = "hf_longlora/training/checks.py"
+CLI = "hf_longlora/cli.py"
+RELIABILITY = "tests/test_reliability.py"
+STARTUP = "tests/test_cli_startup.py"
+
+MUTATIONS: list[Mutation] = [
+    # ---- issue #17: bugs that survived the whole suite
+    _m(
+        "dense-roll-forward-permutation",
+        BACKEND,
+        "rank = torch.empty_like(rank).index_copy(0, torch.tensor(permutation, device=device), rank)",
+        "rank = torch.tensor(permutation, device=device)",
+        'dense fallback with "roll" applies the forward instead of the inverse permutation',
+    ),
+    _m(
+        "dense-float-mask-ignores-s2",
+        BACKEND,
+        'keep = m.masked_fill(~allowed[half][:, None], float("-inf"))',
+        "keep = m.clone()",
+        "a float (additive) mask in the dense path ignores the S2 pattern",
+    ),
+    _m(
+        "dropout-dropped-on-s2-path",
+        BACKEND,
+        "q, k, v, plan, order, scale=scaling, dropout=dropout,",
+        "q, k, v, plan, order, scale=scaling, dropout=0.0,",
+        "attention dropout silently dropped on the S2 (packed) path",
+    ),
+    _m(
+        "dropout-dropped-in-packed-pieces",
+        BACKEND,
+        "out = varlen(q, k, v, cu_seqlens, scale=scale, dropout_p=dropout, **extra)",
+        "out = varlen(q, k, v, cu_seqlens, scale=scale, dropout_p=0.0, **extra)",
+        "_attend_packed does not pass dropout to the varlen kernel",
+    ),
+    _m(
+        "dropout-dropped-in-sdpa-varlen",
+        SDPA,
+        "q, k, v, dropout_p=dropout_p, is_causal=length > 1",
+        "q, k, v, dropout_p=0.0, is_causal=length > 1",
+        "sdpa_varlen_attention ignores dropout_p",
+    ),
+    _m(
+        "dropout-dropped-in-dense-path",
+        BACKEND,
+        "attn_mask=keep,\n                    dropout_p=dropout,",
+        "attn_mask=keep,\n                    dropout_p=0.0,",
+        "attention dropout silently dropped on the dense fallback",
+    ),
+    _m(
+        "window-with-roll-fast-path",
+        BACKEND,
+        'if layout.mask_kind == "window" and plan.shifted_permutation is None:',
+        'if layout.mask_kind == "window":',
+        'a sliding window combined with "roll" takes the fast path (the wrap-around ignores the window)',
+    ),
+    _m(
+        "ddp-average-tokens-scale-dropped",
+        LOSS,
+        "loss = loss * (loss_scale if self.args.n_gpu <= 1 else self.args.n_gpu)",
+        "loss = loss",
+        "ChunkedLossTrainer drops DDP's average-tokens-across-devices scale",
+    ),
+    _m(
+        "restore-dynamic-max-positions",
+        LIFECYCLE,
+        "text_config.max_position_embeddings = config.original_context_length if dynamic else config.context_length",
+        "text_config.max_position_embeddings = config.context_length",
+        "restore_context sets max_position_embeddings to the target for a dynamic-RoPE adapter",
+    ),
+    _m(
+        "merge-skips-tokenizer-files",
+        MERGE,
+        "shutil.copy2(source / name, staging / name)",
+        "pass",
+        "merge does not copy the tokenizer files",
+    ),
+    # ---- backend error branches
+    _m(
+        "backend-accepts-position-bias",
+        BACKEND,
+        '_UNSUPPORTED_KWARGS = ("position_bias",)',
+        "_UNSUPPORTED_KWARGS = ()",
+        "position_bias is silently ignored instead of refused",
+    ),
+    _m(
+        "backend-heads-not-multiple",
+        BACKEND,
+        "if num_heads % key.shape[1]:",
+        "if False:",
+        "query heads not a multiple of KV heads are not refused",
+    ),
+    _m(
+        "backend-mask-not-4d",
+        BACKEND,
+        "if attention_mask.dim() != 4 or attention_mask.shape[-2:] != (length, length):",
+        "if False:",
+        "a non-4D mask is not refused",
+    ),
+    _m(
+        "backend-mask-shape-unchecked",
+        BACKEND,
+        "if attention_mask.dim() != 4 or attention_mask.shape[-2:] != (length, length):",
+        "if attention_mask.dim() != 4:",
+        "a 4D mask of the wrong (L, L) size is not refused",
+    ),
+    _m(
+        "backend-cu-seq-lens-range",
+        BACKEND,
+        "if cu[0] != 0 or cu[-1] != batch * length:",
+        "if False:",
+        "cu_seq_lens_q out of range is not refused",
+    ),
+    _m(
+        "backend-cu-seq-lens-end-only",
+        BACKEND,
+        "if cu[0] != 0 or cu[-1] != batch * length:",
+        "if cu[-1] != batch * length:",
+        "cu_seq_lens_q not starting at 0 is not refused",
+    ),
+    _m(
+        "backend-non-causal-gets-s2",
+        BACKEND,
+        "if not module.training or q_len != kv_len or q_len <= 1 or not causal:",
+        "if not module.training or q_len != kv_len or q_len <= 1:",
+        "a non-causal module gets S2-Attn (causal groups) instead of full sdpa",
+    ),
+    _m(
+        "backend-all-padding-batch",
+        BACKEND,
+        "if plan.total_tokens == 0:",
+        "if False:",
+        "an all-padding batch reaches the kernels (no early zeros)",
+    ),
+    _m(
+        "sdpa-varlen-bounds-unchecked",
+        SDPA,
+        "if cu_seqlens[0] != 0 or cu_seqlens[-1] != total:",
+        "if False:",
+        "sdpa_varlen_attention accepts cu_seqlens that do not span the tokens",
+    ),
+    _m(
+        "sdpa-varlen-heads-unchecked",
+        SDPA,
+        "if num_heads % num_kv_heads:",
+        "if False:",
+        "sdpa_varlen_attention accepts heads not a multiple of KV heads",
+    ),
+    _m(
+        "sdpa-varlen-not-causal",
+        SDPA,
+        "is_causal=length > 1,",
+        "is_causal=False,",
+        "sdpa_varlen_attention attends to later tokens of a segment",
+    ),
+    # ---- ChunkedLossTrainer's fallbacks to Trainer.compute_loss
+    _m(
+        "loss-no-fallback-label-smoothing",
+        LOSS,
+        "            or self.label_smoother is not None\n",
+        "",
+        "ChunkedLossTrainer ignores label smoothing",
+    ),
+    _m(
+        "loss-no-fallback-compute-loss-func",
+        LOSS,
+        "            or self.compute_loss_func is not None\n",
+        "",
+        "ChunkedLossTrainer ignores a compute_loss_func",
+    ),
+    _m(
+        "loss-no-fallback-return-outputs",
+        LOSS,
+        '            return_outputs\n            or "labels" not in inputs\n',
+        '            "labels" not in inputs\n',
+        "ChunkedLossTrainer returns no outputs for return_outputs=True",
+    ),
+    _m(
+        "loss-no-fallback-without-labels",
+        LOSS,
+        '            or "labels" not in inputs\n',
+        "",
+        "ChunkedLossTrainer runs the chunked loss on a batch without labels",
+    ),
+    _m(
+        "loss-no-fallback-logit-transforms",
+        LOSS,
+        "or not supports_chunked_loss(self.accelerator.unwrap_model(model))",
+        "or False",
+        "ChunkedLossTrainer ignores logit soft-capping (Gemma 2)",
+    ),
+    # ---- extend_context's refusals
+    _m(
+        "context-bad-target-accepted",
+        CONTEXT,
+        "if isinstance(target_length, bool) or not isinstance(target_length, int) or target_length < 1:",
+        "if False:",
+        "extend_context accepts a non-int or non-positive target",
+    ),
+    _m(
+        "context-bool-target-accepted",
+        CONTEXT,
+        "if isinstance(target_length, bool) or not isinstance(target_length, int) or target_length < 1:",
+        "if not isinstance(target_length, int) or target_length < 1:",
+        "extend_context accepts True as a target length",
+    ),
+    _m(
+        "context-not-a-model-accepted",
+        CONTEXT,
+        '    raise TypeError(\n        "extend_context: model_or_config must be',
+        '    return model_or_config, None\n    raise TypeError(\n        "extend_context: model_or_config must be',
+        "extend_context takes anything as a config",
+    ),
+    _m(
+        "context-no-rope-accepted",
+        CONTEXT,
+        "    if not current_params:\n",
+        "    if False:\n",
+        "extend_context does not refuse a model without RoPE",
+    ),
+    _m(
+        "context-per-layer-rope-accepted",
+        CONTEXT,
+        'if "full_attention" in current_params or "sliding_attention" in current_params:',
+        "if False:",
+        "extend_context does not refuse per-layer-type RoPE parameters",
+    ),
+    _m(
+        "context-already-scaled-accepted",
+        CONTEXT,
+        'if current_type != "default" and not extended_before:',
+        "if False:",
+        "extend_context compounds a RoPE scaling it did not set (e.g. llama3)",
+        "tests/test_adapters.py::test_extend_context_refuses_already_scaled_rope",
+    ),
+    _m(
+        "context-shorter-target-accepted",
+        CONTEXT,
+        "    if target_length < current:\n",
+        "    if False:\n",
+        "extend_context shortens the context",
+    ),
+    _m(
+        "context-dynamic-max-positions",
+        CONTEXT,
+        'config.max_position_embeddings = original if method == "dynamic" else target_length',
+        "config.max_position_embeddings = target_length",
+        "extend_context sets max_position_embeddings to the target for dynamic NTK",
+    ),
+    _m(
+        "context-linear-factor-not-ceil",
+        CONTEXT,
+        'params.update(rope_type="linear", factor=float(math.ceil(target_length / original_length)))',
+        'params.update(rope_type="linear", factor=float(target_length / original_length))',
+        "linear interpolation uses a fractional factor (LongLoRA rounds it up)",
+    ),
+    # ---- lifecycle: context record, base quantization
+    _m(
+        "record-base-quantization-lost",
+        LIFECYCLE,
+        'config.base_quantization = "nf4" if four_bit else None',
+        "config.base_quantization = None",
+        "a QLoRA adapter does not record its NF4 base (merge then uses the fp base)",
+        "tests/test_quantized.py::test_qlora_adapter_records_its_4bit_base_and_merge_follows",
+    ),
+    _m(
+        "context-record-contradiction-accepted",
+        LIFECYCLE,
+        "if context_length is not None and context_length != config.context_length:",
+        "if False:",
+        "a context_length contradicting the adapter's record is accepted",
+        "tests/test_adapters.py::test_plain_peft_adapter_never_loses_its_extension_silently",
+    ),
+    _m(
+        "context-record-missing-accepted",
+        LIFECYCLE,
+        'if context_length is None and getattr(config, "saved_as_longlora", False):',
+        "if False:",
+        "a plain-PEFT adapter without its context record loads at the base's context",
+        "tests/test_adapters.py::test_plain_peft_adapter_never_loses_its_extension_silently",
+    ),
+    # ---- merge
+    _m(
+        "merge-tokenizer-base-before-adapter",
+        MERGE,
+        "for source in (Path(adapter_dir), Path(base)):",
+        "for source in (Path(base), Path(adapter_dir)):",
+        "merge copies the base's tokenizer over the adapter's own",
+    ),
+    _m(
+        "merge-out-dir-inside-input",
+        MERGE,
+        "if out == source or source in out.parents or out in source.parents:",
+        "if out == source or out in source.parents:",
+        "merge accepts an out_dir inside its adapter (overwrite would delete it)",
+        "tests/test_merge_and_hub.py::test_merge_refuses_an_out_dir_that_is_or_holds_an_input",
+    ),
+    _m(
+        "merge-out-dir-containing-input",
+        MERGE,
+        "if out == source or source in out.parents or out in source.parents:",
+        "if out == source or source in out.parents:",
+        "merge accepts an out_dir that contains its base",
+        "tests/test_merge_and_hub.py::test_merge_refuses_an_out_dir_that_is_or_holds_an_input",
+    ),
+    _m(
+        "merge-non-empty-out-dir",
+        MERGE,
+        "if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:",
+        "if False:",
+        "merge replaces a non-empty out_dir without overwrite",
+        "tests/test_merge_and_hub.py::test_merge_refuses_to_overwrite",
+    ),
+    # ---- training checks, schedule, arguments
+    _m(
+        "checks-unsupported-keys-accepted",
+        CHECKS,
+        "if values and values[0] != allowed:",
+        "if False:",
+        "keys the command would ignore (load_in_8bit, use_peft: false, ...) are accepted",
+        f"{RELIABILITY}::test_sft_refuses_keys_it_would_ignore",
+    ),
+    _m(
+        "checks-steps-minus-one-always",
+        CHECKS,
+        'if steps == -1 and (explicit is None or "num_train_epochs" in explicit):',
+        "if steps == -1:",
+        "max_steps: -1 accepted without num_train_epochs (trains transformers' default 3 epochs)",
+        f"{RELIABILITY}::test_max_steps_minus_one_means_epochs_when_epochs_are_set",
+    ),
+    _m(
+        "checks-steps-zero-accepted",
+        CHECKS,
+        "    if steps < 1:\n",
+        "    if steps < 0:\n",
+        "max_steps: 0 accepted (a run that trains nothing)",
+        f"{RELIABILITY}::test_train_refuses_keys_it_would_ignore",
+    ),
+    _m(
+        "checks-stale-checkpoints-overwritten",
+        CHECKS,
+        'if not getattr(longlora_args, "overwrite_output_dir", False):',
+        "if False:",
+        "another run's checkpoints are deleted without overwrite_output_dir",
+    ),
+    _m(
+        "checks-stale-checkpoints-false-string",
+        CHECKS,
+        'training_args.resume_from_checkpoint not in (None, False, "", "false", "False")',
+        "training_args.resume_from_checkpoint not in (None, False)",
+        'resume_from_checkpoint: "false" counts as resuming',
+    ),
+    _m(
+        "schedule-warmup-step-zero",
+        "hf_longlora/training/schedule.py",
+        "return min(1.0, (step + 1) / (warmup_steps + 1))",
+        "return min(1.0, step / warmup_steps)",
+        "warmup's first step has learning rate 0 (transformers' constant_with_warmup)",
+        f"{RELIABILITY}::test_warmup_never_has_a_step_at_learning_rate_zero",
+    ),
+    _m(
+        "arguments-as-list-splits-strings",
+        "hf_longlora/training/arguments.py",
+        "if isinstance(value, (str, bytes, int, float, os.PathLike)):",
+        "if isinstance(value, (bytes, int, float, os.PathLike)):",
+        "`corpus: stdlib` is read one character at a time",
+        f"{RELIABILITY}::test_single_values_where_lists_are_expected",
+    ),
+    # ---- cli
+    _m(
+        "cli-dashed-flags-keeps-underscores",
+        CLI,
+        'arg = "--" + name.replace("_", "-") + sep + value',
+        'arg = "--" + name + sep + value',
+        "--max_windows is not the same flag as --max-windows",
+        f"{RELIABILITY}::test_flags_accept_dashes_and_underscores_everywhere",
+    ),
+    _m(
+        "cli-dashed-flags-after-double-dash",
+        CLI,
+        "            return out + argv[len(out) :]\n",
+        "            pass\n",
+        "arguments after `--` are rewritten too",
+        f"{RELIABILITY}::test_flags_accept_dashes_and_underscores_everywhere",
+    ),
+    _m(
+        "cli-read-config-line-off-by-one",
+        CLI,
+        'where = f" at line {mark.line + 1}, column {mark.column + 1}"',
+        'where = f" at line {mark.line}, column {mark.column}"',
+        "a YAML syntax error names the wrong line (0-based)",
+        f"{RELIABILITY}::test_yaml_syntax_error_names_file_and_line",
+    ),
+    _m(
+        "cli-read-config-non-mapping",
+        CLI,
+        "    if not isinstance(data, dict):\n",
+        "    if False:\n",
+        "a --config YAML that is a list is not refused",
+    ),
+    _m(
+        "cli-read-config-empty",
+        CLI,
+        "    if data is None:\n        return {}\n",
+        "",
+        "an empty --config YAML fails instead of meaning no keys",
+    ),
+    _m(
+        "cli-per-model-flag-to-first-model",
+        CLI,
+        "models[-1][self.dest] = values",
+        "models[0][self.dest] = values",
+        "--context-length after the second --model applies to the first",
+        "tests/test_evaluation.py::test_eval_context_length_belongs_to_the_model_before_it",
+    ),
+    _m(
+        "cli-per-model-flag-before-any-model",
+        CLI,
+        "        if not models:\n            parser.error(",
+        "        if False:\n            parser.error(",
+        "--context-length before any --model is not refused clearly",
+        "tests/test_evaluation.py::test_eval_context_length_belongs_to_the_model_before_it",
+    ),
+    _m(
+        "cli-model-action-forgets-models",
+        CLI,
+        "models = list(getattr(namespace, self.dest, None) or [])",
+        "models = []",
+        "each --model replaces the ones before it",
+        "tests/test_evaluation.py::test_eval_context_length_belongs_to_the_model_before_it",
+    ),
+    # ---- _quiet, _registration
+    _m(
+        "quiet-drops-nothing",
+        "hf_longlora/_quiet.py",
+        "return not str(record.msg).startswith(self.prefixes)",
+        "return True",
+        "the named dependency log messages are not dropped",
+        f"{STARTUP}::test_named_dependency_messages_are_dropped_and_nothing_else",
+    ),
+    _m(
+        "quiet-drops-everything",
+        "hf_longlora/_quiet.py",
+        "return not str(record.msg).startswith(self.prefixes)",
+        "return False",
+        "every log message of those loggers is dropped, real problems too",
+        f"{STARTUP}::test_named_dependency_messages_are_dropped_and_nothing_else",
+    ),
+    _m(
+        "quiet-warnings-kept",
+        "hf_longlora/_quiet.py",
+        'warnings.filterwarnings("ignore", message=message, category=category)',
+        "pass",
+        "the named dependency warnings are not ignored",
+        f"{STARTUP}::test_named_dependency_messages_are_dropped_and_nothing_else",
+    ),
+    _m(
+        "registration-hook-never-registers",
+        "hf_longlora/_registration.py",
+        "        self.loader.exec_module(module)\n        _register()\n",
+        "        self.loader.exec_module(module)\n",
+        "import hf_longlora before transformers never registers s2_attention",
+        f"{STARTUP}::test_registration_follows_transformers_either_order",
+    ),
+    _m(
+        "registration-late-import-never-registers",
+        "hf_longlora/_registration.py",
+        "    if TRIGGER in sys.modules:\n        _register()\n",
+        "    if TRIGGER in sys.modules:\n        pass\n",
+        "import hf_longlora after transformers' modeling code never registers s2_attention",
+        f"{STARTUP}::test_registration_follows_transformers_either_order",
+    ),
+]
+
+
+def check_snippet(mutation: Mutation, root: Path = ROOT) -> str:
+    """The source of the mutation's file; raises SystemExit unless the snippet occurs exactly once."""
+    path = root / mutation.file
+    text = path.read_text(encoding="utf-8")
+    count = text.count(mutation.original)
+    if count != 1:
+        raise SystemExit(
+            f"mutation {mutation.name}: the snippet occurs {count} times in {mutation.file} (must be once):\n"
+            f"{mutation.original}"
+        )
+    if mutation.replacement == mutation.original:
+        raise SystemExit(f"mutation {mutation.name}: the replacement equals the original")
+    return text
+
+
+def make_copy(mutation: Mutation | None) -> Path:
+    """A temporary directory holding hf_longlora/, tests/ and pyproject.toml, with the mutation applied."""
+    workdir = Path(tempfile.mkdtemp(prefix="hf_longlora_mutant_"))
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(ROOT / "hf_longlora", workdir / "hf_longlora", ignore=ignore)
+    shutil.copytree(ROOT / "tests", workdir / "tests", ignore=ignore)
+    shutil.copy2(ROOT / "pyproject.toml", workdir / "pyproject.toml")
+    if mutation is not None:
+        text = check_snippet(mutation, workdir)
+        (workdir / mutation.file).write_text(
+            text.replace(mutation.original, mutation.replacement), encoding="utf-8"
+        )
+    return workdir
+
+
+def environment(workdir: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(workdir) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    return env
+
+
+def check_imports_copy(workdir: Path, env: dict[str, str]) -> None:
+    """Python started in the copy must import the copy's hf_longlora, not the editable install's."""
+    result = subprocess.run(
+        [sys.executable, "-c", "import hf_longlora; print(hf_longlora.__file__)"],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    where = result.stdout.strip()
+    expected = workdir / "hf_longlora" / "__init__.py"
+    if result.returncode != 0 or Path(where).resolve() != expected.resolve():
+        raise SystemExit(f"the copy in {workdir} imports hf_longlora from {where!r}: {result.stderr[-2000:]}")
+
+
+def run_pytest(workdir: Path, tests: tuple[str, ...], slow: bool) -> tuple[int, str]:
+    env = environment(workdir)
+    check_imports_copy(workdir, env)
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"]
+    command += ["-m", "" if slow else "not slow", *tests]
+    try:
+        result = subprocess.run(
+            command, cwd=workdir, env=env, capture_output=True, text=True, timeout=TIMEOUT_S, check=False
+        )
+    except subprocess.TimeoutExpired as exc:
+        return -1, f"timed out after {TIMEOUT_S} s\n{exc.stdout or ''}"
+    return result.returncode, result.stdout + result.stderr
+
+
+def first_failure(output: str) -> str:
+    """The first ``FAILED``/``ERROR`` line of pytest's short summary, without the message."""
+    for line in output.splitlines():
+        if line.startswith(("FAILED ", "ERROR ")):
+            return line.split(" - ")[0].split(" ", 1)[1]
+    return ""
+
+
+def run_mutation(mutation: Mutation) -> tuple[str, float, str, str]:
+    """(verdict, seconds, killing test, pytest output) of one mutation."""
+    start = time.monotonic()
+    workdir = make_copy(mutation)
+    try:
+        code, output = run_pytest(workdir, mutation.tests, mutation.slow)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    seconds = time.monotonic() - start
+    if code == FAILED:
+        return "killed", seconds, first_failure(output), output
+    if code == PASSED:
+        return "SURVIVED", seconds, "", output
+    return f"ERROR({code})", seconds, "", output
+
+
+def baseline(mutations: list[Mutation]) -> None:
+    """The selected tests pass on the unmutated copy (else a 'kill' would mean nothing)."""
+    for slow in (False, True):
+        tests = tuple(dict.fromkeys(t for m in mutations if m.slow == slow for t in m.tests))
+        if not tests:
+            continue
+        workdir = make_copy(None)
+        try:
+            code, output = run_pytest(workdir, tests, slow)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        if code != PASSED:
+            print(output[-6000:])
+            raise SystemExit(
+                f"baseline: the unmutated tests fail (pytest exit code {code}): {' '.join(tests)}"
+            )
+        print(f"baseline: {len(tests)} test selections pass unmutated")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", metavar="SUBSTRING", help="run the mutations whose name contains SUBSTRING")
+    parser.add_argument(
+        "--list", action="store_true", help="list the mutations (snippets checked), run nothing"
+    )
+    parser.add_argument("--baseline", action="store_true", help="first run the selected tests unmutated")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print pytest's output of each survivor")
+    args = parser.parse_args(argv)
+
+    names = [m.name for m in MUTATIONS]
+    duplicates = {n for n in names if names.count(n) > 1}
+    if duplicates:
+        raise SystemExit(f"duplicate mutation names: {sorted(duplicates)}")
+    selected = [m for m in MUTATIONS if args.only is None or args.only in m.name]
+    if not selected:
+        raise SystemExit(f"no mutation name contains {args.only!r}")
+    for mutation in selected:
+        check_snippet(mutation)
+    if args.list:
+        for mutation in selected:
+            slow = "  [-m '']" if mutation.slow else ""
+            print(f"{mutation.name:42} {mutation.file}: {mutation.description}{slow}")
+            print(f"{'':42} tests: {' '.join(mutation.tests)}")
+        print(f"{len(selected)} mutations, every snippet found exactly once")
+        return 0
+    if args.baseline:
+        baseline(selected)
+
+    rows = []
+    total_start = time.monotonic()
+    for i, mutation in enumerate(selected, 1):
+        verdict, seconds, killer, output = run_mutation(mutation)
+        rows.append((mutation, verdict, seconds, killer))
+        print(f"[{i}/{len(selected)}] {mutation.name}: {verdict} ({seconds:.1f} s) {killer}", flush=True)
+        if verdict != "killed" and (args.verbose or verdict.startswith("ERROR")):
+            print(output[-4000:])
+    total = time.monotonic() - total_start
+
+    width = max(len(m.name) for m, *_ in rows)
+    print()
+    print(f"{'mutation':{width}}  {'result':9}  {'seconds':>7}  killed by")
+    print(f"{'-' * width}  {'-' * 9}  {'-' * 7}  {'-' * 9}")
+    for mutation, verdict, seconds, killer in rows:
+        print(f"{mutation.name:{width}}  {verdict:9}  {seconds:7.1f}  {killer}")
+    killed = sum(verdict == "killed" for _, verdict, *_ in rows)
+    print(f"\n{killed}/{len(rows)} killed in {total:.0f} s")
+    survivors = [m.name for m, verdict, *_ in rows if verdict != "killed"]
+    if survivors:
+        print("not killed: " + ", ".join(survivors))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
