@@ -34,7 +34,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.utils import logging
 
-from .eager import eager_attention, eager_varlen_attention
+from .eager import eager_attention
 from .flash import flash_varlen_attention, use_flash_attn
 from .groups import S2Plan, gqa_pieces, plan_s2, split_heads
 from .sdpa import sdpa_varlen_attention
@@ -269,12 +269,8 @@ def _attend_packed(
     """
     num_heads, num_kv_heads = query.shape[1], key.shape[1]
     rep = num_heads // num_kv_heads
-    if sinks is not None:
-        varlen = eager_varlen_attention  # flash-attn 2 has no sinks
-    elif use_flash_attn(query):
-        varlen = flash_varlen_attention
-    else:
-        varlen = eager_varlen_attention if softcap is not None else sdpa_varlen_attention
+    # flash-attn 2 has softcap but no sinks; SDPA has neither (sdpa_varlen_attention then computes eagerly)
+    varlen = flash_varlen_attention if use_flash_attn(query) and sinks is None else sdpa_varlen_attention
     extra = {"softcap": softcap} if softcap is not None else {}
     unshifted, shifted = split_heads(num_heads)
     pieces = [

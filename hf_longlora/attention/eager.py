@@ -17,12 +17,8 @@ an fp64 reference as the model's own eager attention.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as F
-
-from .groups import equal_length_runs
 
 
 def _softmax_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -77,39 +73,3 @@ def eager_attention(
     if dropout_p > 0:
         probs = F.dropout(probs, p=dropout_p, training=True)
     return torch.matmul(probs.to(value.dtype), value)  # (N, Hq, Lq, Dv)
-
-
-def eager_varlen_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    cu_seqlens: Sequence[int],
-    *,
-    scale: float | None = None,
-    dropout_p: float = 0.0,
-    softcap: float | None = None,
-    sinks: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """:func:`hf_longlora.attention.sdpa.sdpa_varlen_attention`'s contract (causal within each segment of packed
-    ``(T, H, D)`` tensors) with ``softcap`` and ``sinks`` (``(Hq,)``), on :func:`eager_attention`."""
-    total, num_heads, head_dim = query.shape
-    num_kv_heads = key.shape[1]
-    if cu_seqlens[0] != 0 or cu_seqlens[-1] != total:
-        raise ValueError(
-            f"cu_seqlens must start at 0 and end at {total} tokens, got {cu_seqlens[0]}..{cu_seqlens[-1]}"
-        )
-    if num_heads % num_kv_heads:
-        raise ValueError(f"query heads ({num_heads}) must be a multiple of key/value heads ({num_kv_heads})")
-    scale = head_dim**-0.5 if scale is None else scale
-    runs = equal_length_runs(cu_seqlens)
-    spans = [length * count for _, length, count in runs]
-    queries, keys, values = (t.split(spans, dim=0) for t in (query, key, value))
-    outputs = []
-    for (_, length, count), q, k, v in zip(runs, queries, keys, values, strict=True):
-        q = q.view(count, length, num_heads, head_dim).transpose(1, 2)  # (n, Hq, len, D)
-        k = k.view(count, length, num_kv_heads, head_dim).transpose(1, 2)  # (n, Hkv, len, D)
-        v = v.view(count, length, num_kv_heads, -1).transpose(1, 2)  # (n, Hkv, len, Dv)
-        causal = torch.ones(length, length, dtype=torch.bool, device=query.device).tril()  # (len, len)
-        out = eager_attention(q, k, v, causal, scale=scale, softcap=softcap, sinks=sinks, dropout_p=dropout_p)
-        outputs.append(out.transpose(1, 2).reshape(length * count, num_heads, -1))  # (n * len, Hq, Dv)
-    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)

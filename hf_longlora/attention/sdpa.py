@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from .eager import eager_attention
 from .groups import equal_length_runs
 
 
@@ -25,6 +26,8 @@ def sdpa_varlen_attention(
     *,
     scale: float | None = None,
     dropout_p: float = 0.0,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention within each segment of packed sequences.
 
@@ -35,6 +38,8 @@ def sdpa_varlen_attention(
         cu_seqlens: ``[0, ..., T]`` segment boundaries (flash-attn's ``cu_seqlens``).
         scale: softmax scale, default ``D ** -0.5``.
         dropout_p: attention dropout probability (training only).
+        softcap: tanh soft-capping of the scores; sinks: ``(Hq,)`` one sink logit per head. Either sends the runs
+            to :func:`hf_longlora.attention.eager.eager_attention` (SDPA has neither).
 
     Returns:
         ``(T, Hq, D)``. Within a segment ``[s, e)``, token ``s + i`` attends tokens ``s .. s + i``
@@ -62,8 +67,21 @@ def sdpa_varlen_attention(
         q = q.view(count, length, num_heads, head_dim).transpose(1, 2)  # (n, Hq, len, D)
         k = k.view(count, length, num_kv_heads, head_dim).transpose(1, 2)  # (n, Hkv, len, D)
         v = v.view(count, length, num_kv_heads, -1).transpose(1, 2)  # (n, Hkv, len, Dv)
-        out = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=dropout_p, is_causal=length > 1, scale=scale, enable_gqa=gqa
-        )  # (n, Hq, len, Dv)
+        if softcap is None and sinks is None:
+            out = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=dropout_p, is_causal=length > 1, scale=scale, enable_gqa=gqa
+            )  # (n, Hq, len, Dv)
+        else:
+            causal = torch.ones(length, length, dtype=torch.bool, device=query.device).tril()  # (len, len)
+            out = eager_attention(
+                q,
+                k,
+                v,
+                causal,
+                scale=head_dim**-0.5 if scale is None else scale,
+                softcap=softcap,
+                sinks=sinks,
+                dropout_p=dropout_p,
+            )  # (n, Hq, len, Dv)
         outputs.append(out.transpose(1, 2).reshape(span, num_heads, -1))  # (n * len, Hq, Dv)
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
