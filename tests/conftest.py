@@ -12,3 +12,24 @@ import hf_longlora  # noqa: E402,F401  (registers the backend)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny Llama checkpoint with a tokenizer, native context 64 (helpers.make_tiny_checkpoint)."""
+    from helpers import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", max_position_embeddings=64)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A folder of three long text files from the standard library (offline training documents)."""
+    import sysconfig
+    from pathlib import Path
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    folder = tmp_path_factory.mktemp("corpus")
+    for name in ("argparse.py", "typing.py", "inspect.py"):
+        (folder / (name[:-3] + ".txt")).write_text((root / name).read_text(encoding="utf-8"))
+    return folder

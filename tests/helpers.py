@@ -122,3 +122,17 @@ def train_steps(model, ids, steps: int, lr: float = 1e-2) -> list[float]:
         optimizer.zero_grad()
         losses.append(loss.item())
     return losses
+
+
+def sliding_window_mask(length: int, window: int) -> torch.Tensor:
+    """transformers' sdpa mask for one sequence with a sliding window (i attends j iff i - window < j <= i)."""
+    from transformers.masking_utils import sdpa_mask, sliding_window_causal_mask_function
+
+    return sdpa_mask(
+        batch_size=1,
+        q_length=length,
+        kv_length=length,
+        mask_function=sliding_window_causal_mask_function(window),
+        allow_is_causal_skip=False,
+        device="cpu",
+    )

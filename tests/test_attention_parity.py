@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import attention_module, padding_mask_4d, random_qkv
+from helpers import attention_module, padding_mask_4d, random_qkv, sliding_window_mask
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import reference_attention
@@ -14,20 +14,6 @@ from transformers.masking_utils import sdpa_mask
 from hf_longlora import s2_attention_forward
 
 FP64_TOL = 1e-10
-
-
-def sliding_window_mask(length: int, window: int) -> torch.Tensor:
-    """transformers' sdpa mask for one sequence with a sliding window (i attends j iff i - window < j <= i)."""
-    from transformers.masking_utils import sliding_window_causal_mask_function
-
-    return sdpa_mask(
-        batch_size=1,
-        q_length=length,
-        kv_length=length,
-        mask_function=sliding_window_causal_mask_function(window),
-        allow_is_causal_skip=False,
-        device="cpu",
-    )
 
 
 @pytest.fixture

@@ -21,7 +21,6 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from helpers import make_tiny_checkpoint
 
 from hf_longlora import cli
 from hf_longlora.training.callbacks import (
@@ -96,22 +95,6 @@ if os.environ.get("FAULT_NAN_FROM_STEP"):  # the loss (and so the gradients) is 
 sys.argv = ["hf-longlora", *sys.argv[1:]]
 runpy.run_module("hf_longlora.cli", run_name="__main__")
 """
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", max_position_embeddings=64)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    import sysconfig
-
-    root = Path(sysconfig.get_paths()["stdlib"])
-    folder = tmp_path_factory.mktemp("corpus")
-    for name in ("argparse.py", "typing.py"):
-        (folder / (name[:-3] + ".txt")).write_text((root / name).read_text(encoding="utf-8"))
-    return folder
 
 
 def train_config(out: Path, checkpoint, corpus, **overrides) -> dict:

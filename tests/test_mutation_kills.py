@@ -16,11 +16,17 @@ from types import SimpleNamespace
 import pytest
 import torch
 from accelerate import Accelerator
-from helpers import attention_module, make_tiny_checkpoint, padding_mask_4d, random_qkv, tiny_config
+from helpers import (
+    attention_module,
+    make_tiny_checkpoint,
+    padding_mask_4d,
+    random_qkv,
+    sliding_window_mask,
+    tiny_config,
+)
 from reference import document_mask, reference_attention
 from transformers import LlamaForCausalLM, Trainer, TrainingArguments
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import sdpa_mask, sliding_window_causal_mask_function
 
 from hf_longlora import s2_attention_forward
 from hf_longlora.attention import backend
@@ -57,18 +63,6 @@ def masked_attention(q, k, v, allowed, bias=None):
     has_any = allowed.any(-1, keepdim=True)
     probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")).masked_fill(~has_any, 0.0), -1)
     return ((probs * has_any) @ v).transpose(1, 2)
-
-
-def sliding_window_mask(length: int, window: int) -> torch.Tensor:
-    """transformers' sdpa mask for one sequence with a sliding window (i attends j iff i - window < j <= i)."""
-    return sdpa_mask(
-        batch_size=1,
-        q_length=length,
-        kv_length=length,
-        mask_function=sliding_window_causal_mask_function(window),
-        allow_is_causal_skip=False,
-        device="cpu",
-    )
 
 
 def random_bool_mask(batch: int, length: int, seed: int = 3, density: float = 0.7) -> torch.Tensor:

@@ -9,28 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import make_tiny_checkpoint
 from safetensors.torch import load_file
 
 from hf_longlora import cli
 from hf_longlora.training import pretraining, sft
 from hf_longlora.training.schedule import warmup_factor
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", max_position_embeddings=64)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    import sysconfig
-
-    root = Path(sysconfig.get_paths()["stdlib"])
-    folder = tmp_path_factory.mktemp("corpus")
-    for name in ("argparse.py", "typing.py"):
-        (folder / (name[:-3] + ".txt")).write_text((root / name).read_text(encoding="utf-8"))
-    return folder
 
 
 @pytest.fixture
