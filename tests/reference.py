@@ -53,6 +53,7 @@ def reference_attention(
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
     extra_mask: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dense S2-Attn.
 
@@ -64,6 +65,8 @@ def reference_attention(
         softcap: scores -> softcap * tanh(scores / softcap) before masking (Gemma 2).
         sinks: (H,) one extra logit per head in every row's softmax, attending nothing (gpt-oss).
         extra_mask: bool (B, 1 or H, L, L) ANDed with the S2 pattern (a sliding window, a custom mask).
+        bias: float (B or 1, 1 or H, L, L) added to the scores (after softcap) before the S2 pattern masks them:
+            an additive mask, as models' eager attention adds it (large negative values where masked).
 
     Returns:
         (B, L, H, D)
@@ -91,6 +94,8 @@ def reference_attention(
     scores = (query @ k.transpose(-1, -2)) * scale
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
+    if bias is not None:
+        scores = scores + bias
     scores = scores.masked_fill(~mask, float("-inf"))
     has_any = mask.any(-1, keepdim=True)
     scores = scores.masked_fill(~has_any, 0.0)

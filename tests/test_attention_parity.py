@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import attention_module, padding_mask_4d, random_qkv, sliding_window_mask
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from reference import reference_attention
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -424,3 +424,243 @@ def test_training_forward_under_inference_mode():
     with torch.inference_mode():
         got = run_s2(module, q, k, v, mask)
     torch.testing.assert_close(got, reference_attention(q, k, v, docs, group_size=4), atol=FP64_TOL, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# generated masks: sliding windows, per-head and additive masks, packing with padding, dropout
+#
+# Every case is one batch the backend must reduce correctly: rows of one or more documents (restarting
+# position_ids, as a packed collator makes them) with left or right padding, and on top of that one of
+#   "plain"    the mask transformers builds: causal AND same document AND real keys (the fast path);
+#   "window"   that AND a sliding window of w tokens, w drawn around the group size so both the windows
+#              wider than every segment (fast path) and narrower ones (dense fallback) come up;
+#   "per_head" a bool (B, H, L, L) mask: that AND a random per-head pattern (dense fallback);
+#   "float"    an additive (B or 1, 1 or H, L, L) float mask: a random bias, finfo.min where masked (dense
+#              fallback; a float mask says nothing about padding, so these rows have none);
+#   "cu"       several rows packed padding-free and described by cu_seq_lens_q (no mask).
+# The reference is the dense fp64 S2 pattern of each document (tests/reference.py), ANDed with the window or
+# the per-head pattern, with the bias added to the scores.
+
+MASK_KINDS = ["plain", "window", "per_head", "float", "cu"]
+
+
+def window_band(length: int, window: int) -> torch.Tensor:
+    """(L, L) bool: i sees j iff i - window < j <= i (transformers' sliding window), written out here."""
+    i = torch.arange(length)[:, None]
+    j = torch.arange(length)[None, :]
+    return (j <= i) & (j > i - window)
+
+
+@st.composite
+def masked_cases(draw):
+    heads, kv_heads = draw(st.sampled_from(HEAD_LAYOUTS))
+    kind = draw(st.sampled_from(MASK_KINDS))
+    shift = draw(st.sampled_from(["partition", "partition", "roll"]))
+    batch = draw(st.integers(1, 3))
+    if shift == "roll":
+        group = draw(st.integers(2, 8))
+        knobs = {"s2_group_size": group, "s2_shift": "roll"}
+
+        def doc_length():
+            return group * draw(st.integers(1, 3))
+    else:
+        knobs = draw(
+            st.sampled_from([{"s2_group_size": 4}, {"s2_group_size": 7}, {"s2_group_size_ratio": 0.25}])
+        )
+        group = knobs.get("s2_group_size", 8)
+
+        def doc_length():
+            return draw(st.integers(1, 30))
+
+    rows = [[doc_length() for _ in range(draw(st.integers(1, 3)))] for _ in range(batch)]
+    real = [sum(r) for r in rows]
+    if kind == "cu":  # padding-free: a last document fills each row (a multiple of the group with "roll")
+        total = max(real)
+        rows = [r + [total - n] if n < total else r for r, n in zip(rows, real, strict=True)]
+        pads = [0] * len(rows)
+    elif kind == "float":  # no padding
+        total = max(real)
+        rows = [r for r, n in zip(rows, real, strict=True) if n == total]
+        pads = [0] * len(rows)
+    else:
+        total = max(real) + draw(st.integers(0, 5))
+        pads = [total - sum(r) for r in rows]
+    side = draw(st.sampled_from(["left", "right"]))
+    # around the group size half the time: the window one token narrower than the longest segment must go dense
+    around = st.sampled_from([group - 1, group, group + 1]).filter(lambda w: w >= 1)
+    window = draw(st.one_of(around, st.integers(1, 2 * group + 2))) if kind == "window" else None
+    pass_window = draw(st.booleans())
+    mask_batch = 1 if kind == "float" and draw(st.booleans()) else len(rows)
+    mask_heads = heads if kind == "per_head" or (kind == "float" and draw(st.booleans())) else 1
+    return dict(
+        heads=heads, kv_heads=kv_heads, kind=kind, knobs=knobs, rows=rows, pads=pads, total=total, side=side,
+        window=window, pass_window=pass_window, mask_batch=mask_batch, mask_heads=mask_heads,
+    )  # fmt: skip
+
+
+def _case(kind, knobs, rows, pads, heads=(4, 2), side="left", window=None, mask_batch=None, mask_heads=1):
+    assert len({sum(r) + pad for r, pad in zip(rows, pads, strict=True)}) == 1, "rows of different lengths"
+    return dict(
+        heads=heads[0], kv_heads=heads[1], kind=kind, knobs=knobs, rows=rows, pads=pads,
+        total=sum(rows[0]) + pads[0], side=side, window=window, pass_window=window is not None,
+        mask_batch=mask_batch or len(rows), mask_heads=mask_heads,
+    )  # fmt: skip
+
+
+# always run, whatever hypothesis draws: the borders a plausible bug sits on
+MASKED_EXAMPLES = [
+    # "roll" with a window wider than the groups but narrower than the document: the window cuts the wrap-around
+    _case("window", {"s2_group_size": 4, "s2_shift": "roll"}, [[12, 4], [8]], [0, 8], window=6),
+    # a window one token narrower than the groups (dense) and exactly as wide (fast path), packed and padded
+    _case("window", {"s2_group_size": 7}, [[20, 9], [11]], [1, 19], side="right", window=6),
+    _case("window", {"s2_group_size": 7}, [[20, 9], [11]], [1, 19], side="right", window=7),
+    _case("per_head", {"s2_group_size": 4}, [[13, 6], [17]], [2, 4], heads=(9, 3), mask_heads=9),
+    _case(
+        "float",
+        {"s2_group_size_ratio": 0.25},
+        [[16, 9], [25]],
+        [0, 0],
+        heads=(6, 2),
+        mask_batch=1,
+        mask_heads=6,
+    ),
+    _case("plain", {"s2_group_size": 4, "s2_shift": "roll"}, [[8, 4], [4, 4, 4]], [5, 5]),
+    _case("cu", {"s2_group_size": 7}, [[20, 9], [3, 26]], [0, 0], heads=(5, 5)),
+]
+
+
+def with_masked_examples(**extra):
+    def decorate(test):
+        for case in MASKED_EXAMPLES:
+            test = example(case=case, seed=3, **extra)(test)
+        return test
+
+    return decorate
+
+
+def build_masked_case(case, seed):
+    """The backend's inputs for a case (mask and kwargs) and the reference's (documents, extra_mask, bias)."""
+    from transformers.masking_utils import (
+        and_masks,
+        causal_mask_function,
+        packed_sequence_mask_function,
+        sliding_window_causal_mask_function,
+    )
+
+    rows, pads, total, side, kind = case["rows"], case["pads"], case["total"], case["side"], case["kind"]
+    batch, heads = len(rows), case["heads"]
+    g = torch.Generator().manual_seed(seed + 1)
+    position_ids = torch.zeros(batch, total, dtype=torch.long)
+    valid = torch.zeros(batch, total, dtype=torch.bool)
+    docs = []
+    for b, (lengths, pad) in enumerate(zip(rows, pads, strict=True)):
+        start = pad if side == "left" else 0
+        row_docs = []
+        for n in lengths:
+            position_ids[b, start : start + n] = torch.arange(n)
+            row_docs.append(list(range(start, start + n)))
+            start += n
+        valid[b] = torch.zeros(total, dtype=torch.bool).index_fill(0, torch.tensor(sum(row_docs, [])), True)
+        docs.append(row_docs)
+    kwargs = {"position_ids": position_ids}
+    extra_mask = bias = None
+    if kind == "cu":
+        lengths = [n for r in rows for n in r]
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+        return None, {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu}, docs, None, None
+    function = causal_mask_function
+    if kind == "window":
+        function = sliding_window_causal_mask_function(case["window"])
+        extra_mask = window_band(total, case["window"])[None, None]
+        if case["pass_window"]:
+            kwargs["sliding_window"] = case["window"]
+    packed_ids = (position_ids != torch.cat([position_ids[:, :1] - 1, position_ids[:, :-1]], 1) + 1).cumsum(1)
+    mask = sdpa_mask(
+        batch_size=batch,
+        q_length=total,
+        kv_length=total,
+        mask_function=and_masks(function, packed_sequence_mask_function(packed_ids)),
+        attention_mask=valid,
+        allow_is_causal_skip=False,
+        device="cpu",
+    )  # (B, 1, L, L): causal AND same document AND real keys (AND the window)
+    if kind == "per_head":
+        # causal (also for "roll": a mask that says causal cuts the roll's wrap-around) and each sees itself
+        causal = torch.ones(total, total, dtype=torch.bool).tril()
+        extra_mask = (
+            (torch.rand(batch, heads, total, total, generator=g) < 0.6) | torch.eye(total).bool()
+        ) & causal
+        mask = mask & extra_mask
+    elif kind == "float":
+        shape = (case["mask_batch"], case["mask_heads"], total, total)
+        blocked = (torch.rand(shape, generator=g) < 0.3) & ~torch.eye(total, dtype=torch.bool)
+        bias = torch.randn(shape, generator=g, dtype=torch.float64)
+        bias = bias.masked_fill(blocked | ~torch.ones(total, total, dtype=torch.bool).tril(), -torch.inf)
+        mask = bias.clamp_min(torch.finfo(torch.float64).min)  # transformers' additive masks: finfo.min
+        bias = mask
+    if extra_mask is not None and case["knobs"].get("s2_shift") == "roll" and cuts_nothing(extra_mask, docs):
+        # a bool mask that cuts nothing inside any document is plain padding/packing, and with "roll" plain
+        # masks keep the paper's wrap-around (the first h tokens see the last h); only a mask that really
+        # restricts attention is ANDed in, and its causality then cuts the wrap-around too
+        extra_mask = None
+    return mask, kwargs, docs, extra_mask, bias
+
+
+def cuts_nothing(extra_mask: torch.Tensor, docs) -> bool:
+    """Does the (B or 1, 1 or H, L, L) bool mask allow every causal pair inside each document?"""
+    for b, row_docs in enumerate(docs):
+        for positions in row_docs:
+            idx = torch.tensor(positions)
+            inside = extra_mask[min(b, extra_mask.shape[0] - 1)][:, idx[:, None], idx[None, :]]
+            if not inside[:, torch.ones(len(idx), len(idx), dtype=torch.bool).tril()].all():
+                return False
+    return True
+
+
+def reference_for(case, q, k, v, docs, extra_mask, bias):
+    return reference_attention(
+        q,
+        k,
+        v,
+        docs,
+        group_size=case["knobs"].get("s2_group_size"),
+        ratio=case["knobs"].get("s2_group_size_ratio", 0.25),
+        shift=case["knobs"].get("s2_shift", "partition"),
+        extra_mask=extra_mask,
+        bias=bias,
+    )
+
+
+@settings(max_examples=50, deadline=None)
+@with_masked_examples()
+@given(case=masked_cases(), seed=st.integers(0, 2**16))
+def test_generated_masks_match_dense_reference(case, seed):
+    module = attention_module(case["heads"], case["kv_heads"], 8, **case["knobs"])
+    q, k, v = random_qkv(len(case["rows"]), case["heads"], case["kv_heads"], case["total"], 8, seed=seed)
+    mask, kwargs, docs, extra_mask, bias = build_masked_case(case, seed)
+    got = run_s2(module, q, k, v, mask, **kwargs)
+    want = reference_for(case, q, k, v, docs, extra_mask, bias)
+    torch.testing.assert_close(got, want, atol=FP64_TOL, rtol=0)
+
+
+@settings(max_examples=30, deadline=None)
+@with_masked_examples(p=0.5)
+@given(case=masked_cases(), seed=st.integers(0, 2**16), p=st.sampled_from([0.3, 0.5]))
+def test_generated_masks_with_dropout_match_the_reference_weights(case, seed, p):
+    """Exact dropout check: with one-hot values (V = identity) the output of query i is its row of attention
+    weights after dropout, so each entry must be either 0 (dropped) or the reference's weight / (1 - p), nothing
+    outside the reference's pattern may appear, and about a fraction p is dropped."""
+    batch, heads, kv_heads, total = len(case["rows"]), case["heads"], case["kv_heads"], case["total"]
+    module = attention_module(heads, kv_heads, 8, **case["knobs"])
+    q, k, _ = random_qkv(batch, heads, kv_heads, total, 8, seed=seed)
+    v = torch.eye(total, dtype=torch.float64).expand(batch, kv_heads, total, total)
+    mask, kwargs, docs, extra_mask, bias = build_masked_case(case, seed)
+    weights = reference_for(case, q, k, v, docs, extra_mask, bias)  # (B, L, H, L): row i = weights of i
+    torch.manual_seed(seed)
+    got = run_s2(module, q, k, v, mask, dropout=p, **kwargs)
+    kept = got != 0
+    assert not kept[weights == 0].any()
+    torch.testing.assert_close(got[kept], weights[kept] / (1 - p), atol=FP64_TOL, rtol=0)
+    n = int((weights > 0).sum())
+    dropped = n - int(kept.sum())
+    assert abs(dropped - p * n) <= 5 * (n * p * (1 - p)) ** 0.5 + 1, (dropped, n)
