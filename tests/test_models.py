@@ -134,6 +134,9 @@ def test_training_forward_matches_reference_model(arch):
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padded_batch_rows_match_single_rows(arch, side):
+    """A padded batch in train mode gives, on each row's real tokens, the logits of the same weights with the dense
+    fp64 reference attention (groups start at the row's first real token, shifted heads shifted), and the logits of
+    the row run alone."""
     model = build(arch, s2_group_size=8).train()
     lengths = [40, 23, 31]
     rows = [torch.randint(0, 128, (n,)) for n in lengths]
@@ -141,35 +144,52 @@ def test_padded_batch_rows_match_single_rows(arch, side):
     ids = torch.zeros(len(rows), total, dtype=torch.long)
     mask = torch.zeros_like(ids)
     position_ids = torch.zeros_like(ids)
-    for b, row in enumerate(rows):
-        span = slice(total - len(row), total) if side == "left" else slice(0, len(row))
+    spans = [slice(total - n, total) if side == "left" else slice(0, n) for n in lengths]
+    for b, (row, span) in enumerate(zip(rows, spans, strict=True)):
         ids[b, span], mask[b, span] = row, 1
         position_ids[b, span] = torch.arange(len(row))
-    batched = model(ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits
-    for b, row in enumerate(rows):
+    inputs = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
+    batched = model(**inputs).logits
+    _register_reference("s2_reference_padded", [[list(range(s.start, s.stop))] for s in spans], group_size=8)
+    model.set_attn_implementation("s2_reference_padded")
+    want = model(**inputs).logits
+    model.set_attn_implementation("sdpa")
+    full = model(**inputs).logits
+    model.set_attn_implementation("s2_attention")
+    for b, (row, span) in enumerate(zip(rows, spans, strict=True)):
+        torch.testing.assert_close(batched[b, span], want[b, span], atol=1e-9, rtol=0)
         single = model(row[None], use_cache=False).logits[0]
-        span = slice(total - len(row), total) if side == "left" else slice(0, len(row))
         torch.testing.assert_close(batched[b, span], single, atol=1e-9, rtol=0)
+        assert (full[b, span] - want[b, span]).abs().max() > 1e-3  # S2 is not full attention here
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("flash_kwargs", [True, False])
 def test_packed_batch_matches_documents_one_at_a_time(arch, flash_kwargs):
-    """TRL's padding-free batches (DataCollatorWithFlattening): no attention across documents, groups restart."""
+    """TRL's padding-free batches (DataCollatorWithFlattening): the logits and the loss of the same weights with the
+    dense fp64 reference attention over each document (no attention across documents, groups restart at each), and
+    each document's logits run alone."""
     model = build(arch, s2_group_size_ratio=0.25).train()
     docs = [torch.randint(0, 128, (n,)).tolist() for n in (30, 9, 52, 17)]
     collator = DataCollatorWithFlattening(return_flash_attn_kwargs=flash_kwargs)
     batch = collator([{"input_ids": d} for d in docs])
     assert ("cu_seq_lens_q" in batch) == flash_kwargs
-    labels = batch.pop("labels")
-    packed = model(**batch, use_cache=False).logits[0]
-    start = 0
-    for d in docs:
+    packed = model(**batch, use_cache=False)
+    starts = torch.tensor([0, *torch.tensor([len(d) for d in docs]).cumsum(0).tolist()])
+    positions = [list(range(a, b)) for a, b in zip(starts[:-1].tolist(), starts[1:].tolist(), strict=True)]
+    _register_reference("s2_reference_packed", [positions], group_size=None, ratio=0.25)
+    model.set_attn_implementation("s2_reference_packed")
+    want = model(**batch, use_cache=False)
+    model.set_attn_implementation("sdpa")
+    full = model(**batch, use_cache=False).logits[0]
+    model.set_attn_implementation("s2_attention")
+    torch.testing.assert_close(packed.logits, want.logits, atol=1e-9, rtol=0)
+    torch.testing.assert_close(packed.loss, want.loss, atol=1e-12, rtol=0)
+    for d, span in zip(docs, positions, strict=True):
         single = model(torch.tensor([d]), use_cache=False).logits[0]
-        torch.testing.assert_close(packed[start : start + len(d)], single, atol=1e-9, rtol=0)
-        start += len(d)
-    loss = model(**batch, labels=labels, use_cache=False).loss
-    assert torch.isfinite(loss)
+        torch.testing.assert_close(packed.logits[0, span], single, atol=1e-9, rtol=0)
+        # S2 is not full attention here (the 9-token document has one group: there they agree)
+        assert len(d) < 16 or (full[span] - want.logits[0, span]).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("arch", ARCHS)
