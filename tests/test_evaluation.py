@@ -133,6 +133,79 @@ def test_first_number():
     assert first_number("none") is None
 
 
+def chain_model(checkpoint, tokenizer, chain: list[int]) -> LlamaForCausalLM:
+    """A real Llama whose greedy decoding we set by hand: attention and MLP outputs are zero (o_proj, down_proj),
+    so the last layer's hidden state is the current token's embedding, and the head maps ``chain[i]`` to
+    ``chain[i + 1]`` (the last token to itself). Tokens of the chain get one-hot embeddings; must be distinct."""
+    assert len(set(chain)) == len(chain), chain
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, attn_implementation="sdpa", dtype=torch.float32)
+    assert model.config.hidden_size >= len(chain) and not model.config.tie_word_embeddings
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.embed_tokens.weight.zero_()
+        model.lm_head.weight.zero_()
+        for i, token in enumerate(chain):
+            model.model.embed_tokens.weight[token, i] = 1.0
+            model.lm_head.weight[chain[min(i + 1, len(chain) - 1)], i] = 1.0
+    return model.eval()
+
+
+def test_passkey_scores_hits_and_misses_of_known_generations(tiny_checkpoint):
+    """passkey_accuracy on real models whose greedy output is known: one generates the key of cell (depth 0, trial
+    0) and so scores 1/2 there and 0 at depth 1 (other keys); a key with its last digit changed, or followed by one
+    more digit, scores 0 everywhere. A scorer that always says hit, or always miss, or accepts a prefix fails."""
+    from transformers import AutoTokenizer
+
+    from hf_longlora.data.passkey import QUESTION, passkey_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    length, depths = 64, [0.0, 1.0]
+
+    def keys(seed):  # the key of each (depth, trial) cell, seeded as passkey_accuracy documents it
+        return [
+            [
+                passkey_prompt(tokenizer, length, d, seed=seed + 1_000_003 * length + 1009 * i + t)[1]
+                for t in (0, 1)
+            ]
+            for i, d in enumerate(depths)
+        ]
+
+    def tokens(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    last = tokens(QUESTION)[-1]  # every prompt ends with the question
+    period = tokens(".")[-1]
+
+    def chain_for(answer):
+        chain = [last, *tokens(" " + answer), period]
+        return chain if len(set(chain)) == len(chain) else None
+
+    for seed in range(100):  # a seed whose first key's tokens are distinct, and four distinct keys
+        cells = keys(seed)
+        key = cells[0][0]
+        wrong = key[:-1] + ("1" if key[-1] != "1" else "2")
+        longer = key + ("3" if key[-1] != "3" else "4")
+        flat = [k for row in cells for k in row]
+        answers = (key, wrong, longer, cells[1][1])
+        if len(set(flat)) == 4 and all(chain_for(a) for a in answers) and wrong not in flat:
+            break
+    else:
+        pytest.fail("no seed gives distinct keys")
+
+    def score(answer):
+        model = chain_model(tiny_checkpoint, tokenizer, chain_for(answer))
+        return passkey_accuracy(
+            model, tokenizer, [length], depths=depths, trials=2, seed=seed, progress=False
+        )
+
+    assert score(key) == {length: {0.0: 0.5, 1.0: 0.0}}
+    assert score(wrong) == {length: {0.0: 0.0, 1.0: 0.0}}
+    assert score(longer) == {length: {0.0: 0.0, 1.0: 0.0}}
+    assert score(cells[1][1]) == {length: {0.0: 0.0, 1.0: 0.5}}
+
+
 @pytest.mark.slow
 def test_passkey_is_retrieved_by_a_real_pretrained_model():
     """SmolLM2-135M-Instruct retrieves the key from short prompts: the scoring can succeed, not only fail."""
