@@ -33,3 +33,19 @@ def corpus(tmp_path_factory):
     for name in ("argparse.py", "typing.py", "inspect.py"):
         (folder / (name[:-3] + ".txt")).write_text((root / name).read_text(encoding="utf-8"))
     return folder
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Proof that a run failed before loading: loading a model raises AssertionError instead (the commands' loader,
+    and under it every transformers ``from_pretrained`` of a model), which the CLI does not catch."""
+    from transformers import PreTrainedModel
+
+    from hf_longlora.training import pretraining, sft
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(pretraining, "load_for_training", refuse)
+    monkeypatch.setattr(sft, "load_for_training", refuse)
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(refuse))

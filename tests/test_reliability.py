@@ -12,19 +12,8 @@ import yaml
 from safetensors.torch import load_file
 
 from hf_longlora import cli
-from hf_longlora.training import pretraining, sft
+from hf_longlora.training import pretraining
 from hf_longlora.training.schedule import warmup_factor
-
-
-@pytest.fixture
-def no_loading(monkeypatch):
-    """Proof that a run failed before loading: loading the model raises instead of loading."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded")
-
-    monkeypatch.setattr(pretraining, "load_for_training", refuse)
-    monkeypatch.setattr(sft, "load_for_training", refuse)
 
 
 def write_yaml(path: Path, data: dict) -> Path:

@@ -111,7 +111,9 @@ def test_pack_documents_joins_with_eos_and_restarts_positions():
         ({"s2_group_size_ratio": 2.0}, "s2_group_size_ratio must be a float in"),
     ],
 )
-def test_train_bad_config_fails_before_loading(tmp_path, tiny_checkpoint, corpus, extra, message, capsys):
+def test_train_bad_config_fails_before_loading(
+    tmp_path, tiny_checkpoint, corpus, extra, message, capsys, no_loading
+):
     config = {
         "model_name_or_path": str(tiny_checkpoint),
         "corpus": [str(corpus)],
@@ -125,7 +127,7 @@ def test_train_bad_config_fails_before_loading(tmp_path, tiny_checkpoint, corpus
     assert not (tmp_path / "o").exists()
 
 
-def test_sft_bad_data_fails_before_loading(tmp_path, tiny_checkpoint, capsys):
+def test_sft_bad_data_fails_before_loading(tmp_path, tiny_checkpoint, capsys, no_loading):
     def run(records, **extra):
         data = tmp_path / "data.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in records))
