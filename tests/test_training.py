@@ -307,14 +307,41 @@ def test_plain_trl_sft_with_s2_attention(tmp_path, tiny_checkpoint, trl_hook_in_
         "save_strategy": "no",
     }
     trl = Path(sys.executable).parent / "trl"
-    result = subprocess.run(
+    # an observer in every Python process the command starts: at exit it writes the process's attention-call
+    # counters (hf_longlora.attention.backend.ATTENTION_CALLS, None where hf_longlora was never imported)
+    reports = tmp_path / "calls"
+    reports.mkdir()
+    (tmp_path / "observer").mkdir()
+    (tmp_path / "observer" / "sitecustomize.py").write_text(
+        "import atexit, json, os, sys\n"
+        "def _report():\n"
+        "    backend = sys.modules.get('hf_longlora.attention.backend')\n"
+        "    calls = dict(backend.ATTENTION_CALLS) if backend is not None else None\n"
+        f"    path = os.path.join({str(reports)!r}, f'{{os.getpid()}}.json')\n"
+        "    with open(path, 'w') as f:\n"
+        "        json.dump({'pid': os.getpid(), 'ppid': os.getppid(), 'calls': calls}, f)\n"
+        "atexit.register(_report)\n"
+    )
+    env = dict(__import__("os").environ)
+    env["PYTHONPATH"] = str(tmp_path / "observer") + (
+        ":" + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""
+    )
+    process = subprocess.Popen(
         [str(trl), "sft", "--config", str(write_yaml(tmp_path / "trl.yaml", config))],
-        capture_output=True, text=True, timeout=900, cwd=tmp_path,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env,
     )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    stdout, stderr = process.communicate(timeout=900)
+    assert process.returncode == 0, stdout[-2000:] + stderr[-4000:]
     saved = json.loads((tmp_path / "out" / "config.json").read_text())
     assert saved["s2_group_size"] == 16
-    assert "Training completed" in result.stdout + result.stderr
+    assert "Training completed" in stdout + stderr
+    # S2-Attn ran in the child that trained (not in `trl` itself): every layer of every step, at least once
+    seen = {r["pid"]: r for r in (json.loads(p.read_text()) for p in reports.glob("*.json"))}
+    trainers = [r for r in seen.values() if r["pid"] != process.pid and r["calls"] and r["calls"]["s2"] > 0]
+    assert len(trainers) == 1, seen
+    layers = json.loads((tiny_checkpoint / "config.json").read_text())["num_hidden_layers"]
+    assert trainers[0]["calls"]["s2"] >= config["max_steps"] * layers, trainers
+    assert all(r["calls"] is None or r["calls"]["s2"] == 0 for r in seen.values() if r not in trainers), seen
     # without the opt-in the child does not know the backend: the hook is what made it work
     del config["env"], config["model_init_kwargs"]
     config["output_dir"] = str(tmp_path / "out2")
