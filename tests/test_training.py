@@ -424,9 +424,26 @@ def train_with_two_processes(tmp_path, accelerate_config: str, checkpoint, corpu
 
 @pytest.mark.slow
 def test_two_process_ddp_on_cpu(tmp_path, tiny_checkpoint, corpus):
-    """accelerate with 2 CPU processes (gloo): both ranks train; each step sees 2 blocks of 256 tokens."""
-    train_with_two_processes(tmp_path, "ddp_cpu_2proc.yaml", tiny_checkpoint, corpus)
+    """accelerate with 2 CPU processes (gloo): both ranks train, each step sees 2 blocks of 256 tokens, and the
+    per-step losses and gradient norms are those of one process training on the same global batch of 2 blocks.
+
+    The same batches: the sampler is seeded (accelerate's seedable sampler, seed 42 in both runs) and with one block
+    per rank, rank r takes the blocks at places 2k + r of the shuffled order, which are the 2 blocks one process with
+    a batch of 2 takes at step k. The same loss: every block has 255 labelled tokens, so the mean over the global
+    batch (transformers' average_tokens_across_devices, the logged loss being the mean over ranks) is one number.
+    Only the order of the sums differs: fp32 rounding."""
+    steps = train_with_two_processes(tmp_path, "ddp_cpu_2proc.yaml", tiny_checkpoint, corpus)
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
+    single_config = train_config(
+        tmp_path, tiny_checkpoint, corpus, per_device_train_batch_size=2, output_dir=str(tmp_path / "single")
+    )
+    result = run_cli(["train", "--config", str(write_yaml(tmp_path / "single.yaml", single_config))])
+    assert result.returncode == 0, result.stderr[-4000:]
+    single = [h for h in trainer_log_history(tmp_path / "single") if "loss" in h]
+    assert [h["num_input_tokens_seen"] for h in single] == [h["num_input_tokens_seen"] for h in steps]
+    assert [h["loss"] for h in steps] == pytest.approx([h["loss"] for h in single], rel=1e-5, abs=0)
+    assert [h["grad_norm"] for h in steps] == pytest.approx([h["grad_norm"] for h in single], rel=1e-5, abs=0)
+    assert len({round(h["loss"], 3) for h in single}) == len(single)  # training moves: the steps differ
 
 
 @pytest.mark.slow
