@@ -443,7 +443,8 @@ def s2_attention_forward(
         if module.training and not causal:
             logger.warning_once("s2_attention: non-causal attention module, using full sdpa attention.")
         ATTENTION_CALLS["full"] += 1
-        if softcap is not None or sinks is not None:  # transformers' sdpa drops sinks and refuses softcap
+        if softcap is not None or sinks is not None or kwargs.get("position_bias") is not None:
+            # transformers' sdpa drops sinks and refuses softcap: the model's own eager attention is exact
             return model_eager_attention(
                 module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
             )
@@ -545,10 +546,26 @@ def _uses_s2(implementation) -> bool:
     return implementation == S2_ATTENTION
 
 
+# models whose attention goes through AttentionInterface but only works with eager's additive float mask
+FLOAT_MASK_ONLY = {
+    "deepseek_v4": (
+        "it appends its compressed-key bias to the attention mask with `block_bias.to(attention_mask.dtype)`, which "
+        "inverts it for the boolean mask that s2_attention (like sdpa) receives: compressed keys are hidden from "
+        "the queries that should see them and shown to the others (tools/probe_models.py: eval logits off by 0.9)"
+    ),
+}
+
+
 def check_model_supports_s2(model_class: type, model_type: str | None) -> None:
     """Refuse a model whose attention does not go through transformers' AttentionInterface (its class says
     ``_supports_attention_backend = False``: bloom, falcon, gpt_neo, mpt, xglm, ...). transformers would accept the
-    name, S2-Attn would never run, and the model would get a mask format it does not expect (causality breaks)."""
+    name, S2-Attn would never run, and the model would get a mask format it does not expect (causality breaks).
+    Also refuse the models of :data:`FLOAT_MASK_ONLY`, which only work with eager's float mask."""
+    if model_type in FLOAT_MASK_ONLY:
+        raise ValueError(
+            f"{model_class.__name__} (model_type {model_type!r}) cannot run attn_implementation='s2_attention': "
+            f"{FLOAT_MASK_ONLY[model_type]}. Use attn_implementation='eager' (plain LoRA, no S2-Attn)."
+        )
     if getattr(model_class, "_supports_attention_backend", False):
         return
     raise ValueError(
