@@ -509,8 +509,17 @@ def _case(kind, knobs, rows, pads, heads=(4, 2), side="left", window=None, mask_
 
 # always run, whatever hypothesis draws: the borders a plausible bug sits on
 MASKED_EXAMPLES = [
-    # "roll" with a window wider than the groups but narrower than the document: the window cuts the wrap-around
-    _case("window", {"s2_group_size": 4, "s2_shift": "roll"}, [[12, 4], [8]], [0, 8], window=6),
+    # "roll" with a window wider than the groups but narrower than the document: the window cuts the wrap-around;
+    # an odd group, where rolling by -h and by +h give different orders (the dense path must invert the roll)
+    _case("window", {"s2_group_size": 5, "s2_shift": "roll"}, [[15, 5], [10]], [0, 10], window=7),
+    _case(
+        "per_head",
+        {"s2_group_size": 3, "s2_shift": "roll"},
+        [[12], [6, 3]],
+        [0, 3],
+        heads=(4, 2),
+        mask_heads=4,
+    ),
     # a window one token narrower than the groups (dense) and exactly as wide (fast path), packed and padded
     _case("window", {"s2_group_size": 7}, [[20, 9], [11]], [1, 19], side="right", window=6),
     _case("window", {"s2_group_size": 7}, [[20, 9], [11]], [1, 19], side="right", window=7),

@@ -2,7 +2,7 @@
 
 Each entry of ``MUTATIONS`` names a file under hf_longlora/, an exact snippet of it (which must occur exactly once),
 its replacement (the bug), what the bug means, and the smallest set of tests that should notice. For each one the
-script copies hf_longlora/, tests/ and pyproject.toml (the pytest settings) to a temporary directory, applies the
+script copies hf_longlora/, tests/, examples/ and pyproject.toml (the pytest settings) to a temporary directory, applies the
 one replacement there, checks that Python imports the copy (not /work/main's editable install), and runs::
 
     python -m pytest -x -q -p no:cacheprovider -m "not slow" <tests>
@@ -15,6 +15,7 @@ Usage (from the repository root; ``make mutations`` runs them all)::
 
     python tools/mutations.py                 # every mutation, then the table
     python tools/mutations.py --only roll     # the mutations whose name contains "roll"
+    python tools/mutations.py --only gen- --only passkey   # either substring
     python tools/mutations.py --list          # the list, each snippet checked against the sources, no tests
     python tools/mutations.py --baseline      # first run the selected tests unmutated (they must pass)
 
@@ -65,6 +66,13 @@ CHECKS = "hf_longlora/training/checks.py"
 CLI = "hf_longlora/cli.py"
 RELIABILITY = "tests/test_reliability.py"
 STARTUP = "tests/test_cli_startup.py"
+GENERATED = "tests/test_attention_parity.py::test_generated_masks_match_dense_reference"
+GENERATED_DROPOUT = (
+    "tests/test_attention_parity.py::test_generated_masks_with_dropout_match_the_reference_weights"
+)
+MODELS = "tests/test_models.py"
+PASSKEY = "hf_longlora/evaluation/passkey.py"
+PASSKEY_TEST = "tests/test_evaluation.py::test_passkey_scores_hits_and_misses_of_known_generations"
 
 MUTATIONS: list[Mutation] = [
     # ---- issue #17: bugs that survived the whole suite
@@ -533,6 +541,178 @@ MUTATIONS: list[Mutation] = [
         "import hf_longlora after transformers' modeling code never registers s2_attention",
         f"{STARTUP}::test_registration_follows_transformers_either_order",
     ),
+    # ---- issue #17, second part: the strengthened tests (generated masks, model-level reference, end to end)
+    _m(
+        "gen-dense-per-head-mask-first-heads",
+        BACKEND,
+        "mask_heads = slice(q_heads.start, q_heads.stop) if model_mask.shape[1] > 1 else slice(None)",
+        "mask_heads = slice(0, len(q_heads)) if model_mask.shape[1] > 1 else slice(None)",
+        "a per-head (B, H, L, L) mask: every head piece gets the first heads' masks",
+        GENERATED,
+    ),
+    _m(
+        "gen-window-fast-path-off-by-one",
+        BACKEND,
+        "return max(plan.max_unshifted, plan.max_shifted) > layout.window",
+        "return max(plan.max_unshifted, plan.max_shifted) > layout.window + 1",
+        "a sliding window one token narrower than the longest S2 segment takes the fast path (window ignored)",
+        GENERATED,
+    ),
+    _m(
+        "gen-packed-padded-documents-ignored",
+        BACKEND,
+        "document_ids = _document_ids(batch, length, position_ids, cu_seq_lens, device)",
+        "document_ids = _document_ids(batch, length, None, cu_seq_lens, device)",
+        "packing with padding: restarting position_ids ignored, S2 groups run across the documents of a row",
+        GENERATED,
+    ),
+    _m(
+        "gen-float-mask-bias-dropped",
+        BACKEND,
+        'keep = m.masked_fill(~allowed[half][:, None], float("-inf"))',
+        "keep = torch.zeros_like(m).masked_fill(~allowed[half][:, None] | (m <= torch.finfo(m.dtype).min), -torch.inf)",
+        "an additive float mask is read as a bool mask: its bias is dropped",
+        GENERATED,
+    ),
+    _m(
+        "gen-float-mask-ignores-s2",
+        BACKEND,
+        'keep = m.masked_fill(~allowed[half][:, None], float("-inf"))',
+        "keep = m.clone()",
+        "a float (additive) mask in the dense path ignores the S2 pattern (generated masks)",
+        GENERATED,
+    ),
+    _m(
+        "gen-dense-roll-forward-permutation",
+        BACKEND,
+        "rank = torch.empty_like(rank).index_copy(0, torch.tensor(permutation, device=device), rank)",
+        "rank = torch.tensor(permutation, device=device)",
+        'dense fallback with "roll" applies the forward permutation (generated masks)',
+        GENERATED,
+    ),
+    _m(
+        "gen-window-with-roll-fast-path",
+        BACKEND,
+        'if layout.mask_kind == "window" and plan.shifted_permutation is None:',
+        'if layout.mask_kind == "window":',
+        'a sliding window with "roll" takes the fast path (generated masks)',
+        GENERATED,
+    ),
+    _m(
+        "gen-dropout-dropped-in-dense-path",
+        BACKEND,
+        "attn_mask=keep,\n                    dropout_p=dropout,",
+        "attn_mask=keep,\n                    dropout_p=0.0,",
+        "attention dropout dropped on the dense fallback (generated masks, one-hot values)",
+        GENERATED_DROPOUT,
+    ),
+    _m(
+        "gen-dropout-dropped-in-packed-pieces",
+        BACKEND,
+        "out = varlen(q, k, v, cu_seqlens, scale=scale, dropout_p=dropout, **extra)",
+        "out = varlen(q, k, v, cu_seqlens, scale=scale, dropout_p=0.0, **extra)",
+        "attention dropout dropped on the S2 (packed) path (generated masks, one-hot values)",
+        GENERATED_DROPOUT,
+    ),
+    _m(
+        "gen-dropout-dropped-in-sdpa-varlen",
+        SDPA,
+        "q, k, v, dropout_p=dropout_p, is_causal=length > 1",
+        "q, k, v, dropout_p=0.0, is_causal=length > 1",
+        "sdpa_varlen_attention ignores dropout_p (generated masks, one-hot values)",
+        GENERATED_DROPOUT,
+    ),
+    _m(
+        "reference-model-shift-removed",
+        "hf_longlora/attention/groups.py",
+        "shifted += shifted_segment_lengths(length, group)",
+        "shifted += unshifted_segment_lengths(length, group)",
+        "the shifted heads are not shifted (S2 with S2 comparisons cannot see it; the fp64 reference model can)",
+        f"{MODELS}::test_padded_batch_rows_match_single_rows",
+    ),
+    _m(
+        "reference-model-shift-removed-packed",
+        "hf_longlora/attention/groups.py",
+        "shifted += shifted_segment_lengths(length, group)",
+        "shifted += unshifted_segment_lengths(length, group)",
+        "the shifted heads are not shifted, seen on TRL's padding-free batches",
+        f"{MODELS}::test_packed_batch_matches_documents_one_at_a_time",
+    ),
+    _m(
+        "reference-model-packed-position-ids-ignored",
+        BACKEND,
+        "document_ids = _document_ids(batch, length, position_ids, cu_seq_lens, device)",
+        "document_ids = _document_ids(batch, length, None, cu_seq_lens, device)",
+        "a packed row marked by position_ids only: S2 groups do not restart at each document",
+        f"{MODELS}::test_packed_batch_matches_documents_one_at_a_time",
+    ),
+    _m(
+        "passkey-always-miss",
+        PASSKEY,
+        "hits += first_number(answer) == key",
+        "hits += 0",
+        "the passkey scorer never counts a hit",
+        PASSKEY_TEST,
+    ),
+    _m(
+        "passkey-always-hit",
+        PASSKEY,
+        "hits += first_number(answer) == key",
+        "hits += 1",
+        "the passkey scorer counts every answer as a hit",
+        PASSKEY_TEST,
+    ),
+    _m(
+        "passkey-prefix-is-a-hit",
+        PASSKEY,
+        "hits += first_number(answer) == key",
+        'hits += (first_number(answer) or "").startswith(key)',
+        "the passkey scorer accepts a longer number that starts with the key",
+        PASSKEY_TEST,
+    ),
+    _m(
+        "passkey-same-key-at-every-depth",
+        PASSKEY,
+        "seed=seed + 1_000_003 * n + 1009 * d_index + trial",
+        "seed=seed + 1_000_003 * n + trial",
+        "every depth of a length gets the same keys (the cells are not what they say)",
+        PASSKEY_TEST,
+    ),
+    _m(
+        "train-context-checked-after-loading",
+        "hf_longlora/training/pretraining.py",
+        "target = check_context_extension(\n        model_args.model_name_or_path, longlora_args, revision=model_args.model_revision\n    )",
+        "target = longlora_args.context_length",
+        "train validates the context extension only when loading (a bad config loads the model first)",
+        "tests/test_training.py::test_train_bad_config_fails_before_loading",
+    ),
+    _m(
+        "sft-data-read-after-loading",
+        "hf_longlora/training/sft.py",
+        "    raw = load_longalpaca(data_args, script_args, dataset_args)\n",
+        "    load_for_training(model_args, longlora_args, training_args, target)\n"
+        "    raw = load_longalpaca(data_args, script_args, dataset_args)\n",
+        "sft loads the model before reading and checking its data",
+        "tests/test_training.py::test_sft_bad_data_fails_before_loading",
+    ),
+    _m(
+        "training-steps-use-full-attention",
+        BACKEND,
+        "if not module.training or q_len != kv_len or q_len <= 1 or not causal:",
+        "if module.training or q_len != kv_len or q_len <= 1 or not causal:",
+        "S2-Attn runs in eval mode and training gets full attention (trl sft would train without S2)",
+        "tests/test_training.py::test_plain_trl_sft_with_s2_attention",
+        slow=True,
+    ),
+    _m(
+        "ddp-average-tokens-scale-dropped-end-to-end",
+        LOSS,
+        "loss = loss * (loss_scale if self.args.n_gpu <= 1 else self.args.n_gpu)",
+        "loss = loss",
+        "ChunkedLossTrainer drops DDP's average-tokens scale: 2 processes train on half the loss of one",
+        "tests/test_training.py::test_two_process_ddp_on_cpu",
+        slow=True,
+    ),
 ]
 
 
@@ -552,11 +732,12 @@ def check_snippet(mutation: Mutation, root: Path = ROOT) -> str:
 
 
 def make_copy(mutation: Mutation | None) -> Path:
-    """A temporary directory holding hf_longlora/, tests/ and pyproject.toml, with the mutation applied."""
+    """A temporary directory holding hf_longlora/, tests/, examples/ and pyproject.toml, with the mutation applied."""
     workdir = Path(tempfile.mkdtemp(prefix="hf_longlora_mutant_"))
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     shutil.copytree(ROOT / "hf_longlora", workdir / "hf_longlora", ignore=ignore)
     shutil.copytree(ROOT / "tests", workdir / "tests", ignore=ignore)
+    shutil.copytree(ROOT / "examples", workdir / "examples", ignore=ignore)  # accelerate configs of the tests
     shutil.copy2(ROOT / "pyproject.toml", workdir / "pyproject.toml")
     if mutation is not None:
         text = check_snippet(mutation, workdir)
@@ -648,7 +829,12 @@ def baseline(mutations: list[Mutation]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", metavar="SUBSTRING", help="run the mutations whose name contains SUBSTRING")
+    parser.add_argument(
+        "--only",
+        metavar="SUBSTRING",
+        action="append",
+        help="run the mutations whose name contains SUBSTRING (repeatable: any of them)",
+    )
     parser.add_argument(
         "--list", action="store_true", help="list the mutations (snippets checked), run nothing"
     )
@@ -660,9 +846,9 @@ def main(argv: list[str] | None = None) -> int:
     duplicates = {n for n in names if names.count(n) > 1}
     if duplicates:
         raise SystemExit(f"duplicate mutation names: {sorted(duplicates)}")
-    selected = [m for m in MUTATIONS if args.only is None or args.only in m.name]
+    selected = [m for m in MUTATIONS if args.only is None or any(part in m.name for part in args.only)]
     if not selected:
-        raise SystemExit(f"no mutation name contains {args.only!r}")
+        raise SystemExit(f"no mutation name contains any of {args.only!r}")
     for mutation in selected:
         check_snippet(mutation)
     if args.list:
