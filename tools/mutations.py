@@ -740,7 +740,11 @@ def make_copy(mutation: Mutation | None) -> Path:
     shutil.copytree(ROOT / "examples", workdir / "examples", ignore=ignore)  # accelerate configs of the tests
     shutil.copy2(ROOT / "pyproject.toml", workdir / "pyproject.toml")
     if mutation is not None:
-        text = check_snippet(mutation, workdir)
+        try:  # the sources can change under a long run (someone editing): no copy left behind then
+            text = check_snippet(mutation, workdir)
+        except SystemExit:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
         (workdir / mutation.file).write_text(
             text.replace(mutation.original, mutation.replacement), encoding="utf-8"
         )
