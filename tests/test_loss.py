@@ -204,6 +204,52 @@ def test_fused_backward_does_no_matrix_products():
     assert flops[False] >= 3 * 2 * 39 * 16 * 50  # recompute + input grad + weight grad, ~2 flops per MAC
 
 
+def test_fused_backward_hands_its_gradients_over_once():
+    """The backward scales the gradients made in the forward in place and returns them (no copy of the (V, H) head
+    gradient): the head's .grad is that very buffer. A second backward through the same graph is refused."""
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(40, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (40,))
+    loss = chunked_causal_lm_loss(hidden, head, labels, chunk_size=8, fused=True)
+    stored = loss.grad_fn.grads[1].data_ptr()  # no reference kept: autograd may then take the buffer itself
+    (2 * loss).backward(retain_graph=True)
+    assert head.weight.grad.data_ptr() == stored
+    reference = torch.nn.functional.cross_entropy(
+        (hidden @ head.weight.t())[:-1], labels[1:], reduction="mean"
+    )
+    expected = torch.autograd.grad(2 * reference, head.weight)[0]
+    torch.testing.assert_close(head.weight.grad, expected)
+    with pytest.raises(RuntimeError, match="backward runs once"):
+        loss.backward()
+
+
+def test_fused_under_autocast_keeps_one_low_precision_copy_per_chunk(monkeypatch):
+    """Under bf16 autocast the chunk's gradient is cast once (both products read the same bf16 tensor)."""
+    import hf_longlora.training.loss as loss_module
+
+    casts = []
+    real_to = torch.Tensor.to
+
+    def counting_to(self, *args, **kwargs):
+        out = real_to(self, *args, **kwargs)
+        if (
+            out.dtype == torch.bfloat16
+            and self.dtype == torch.float32
+            and self.dim() == 2
+            and self.shape[1] == 50
+        ):
+            casts.append(tuple(self.shape))
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "to", counting_to)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(40, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (40,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_module.chunked_causal_lm_loss(hidden, head, labels, chunk_size=8, fused=True)
+    assert casts == [(8, 50)] * 5
+
+
 def test_fused_path_is_chosen_for_plain_and_tied_heads_only(monkeypatch):
     import hf_longlora.training.loss as loss_module
 

@@ -98,6 +98,13 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         )  # (V, H)
         grad_bias = torch.zeros_like(bias, dtype=_loss_dtype(bias.dtype)) if need_bias else None  # (V,)
         total = hidden.new_zeros((), dtype=_loss_dtype(hidden.dtype))
+        # the dtype the two gradient products run in: autocast's (as it would cast them itself), else the hidden's
+        autocast = torch.is_autocast_enabled(hidden.device.type)
+        product_dtype = (
+            torch.get_autocast_dtype(hidden.device.type)
+            if autocast and hidden.dtype == torch.float32
+            else hidden.dtype
+        )
         for start in range(0, hidden.size(0), chunk_size):
             h = hidden[start : start + chunk_size]  # (n, H)
             t = targets[start : start + chunk_size]  # (n,)
@@ -115,27 +122,41 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 continue
             # d loss / d logits = (softmax - onehot) / normaliser on labelled rows, 0 elsewhere
             weight_of_row = (labelled.to(probs.dtype) / normaliser).unsqueeze(1)  # (n, 1)
-            grad_logits = probs.mul_(weight_of_row / row_sum)  # (n, V)
-            grad_logits.scatter_add_(1, safe, -weight_of_row)
-            grad_logits = grad_logits.to(h.dtype)
+            probs.mul_(weight_of_row / row_sum).scatter_add_(
+                1, safe, -weight_of_row
+            )  # (n, V): d loss / d logits
+            # cast once (autocast would cast it for each product) and free the fp32 chunk before the products
+            grad_logits = probs.to(product_dtype)
+            del logits, probs
             if need_hidden:
                 grad_hidden[start : start + chunk_size] = grad_logits @ weight  # (n, H)
             if need_weight:
                 grad_weight += grad_logits.t() @ h  # (V, H)
             if need_bias:
                 grad_bias += grad_logits.sum(0)
-        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+            del grad_logits  # before the next chunk's logits exist
+        # kept on ctx, not saved for backward: the backward scales them in place and hands them over, so no copy
+        # of the (V, H) head gradient is made and autograd can accumulate into it
+        ctx.grads = (grad_hidden, grad_weight, grad_bias)
         ctx.weight_dtype = weight.dtype
         return total / normaliser
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        if ctx.grads is None:
+            raise RuntimeError(
+                "the fused chunked loss's backward runs once (its gradients are handed over, not copied); "
+                "use chunked_causal_lm_loss(..., fused=False) to backpropagate through it more than once"
+            )
+        grads, ctx.grads = ctx.grads, None
         scale = _upcast(grad_loss)
+        grad_hidden, grad_weight, grad_bias = (
+            None if g is None else g.mul_(scale.to(g.dtype)) for g in grads
+        )  # fmt: skip
         return (
-            None if grad_hidden is None else grad_hidden * scale.to(grad_hidden.dtype),
-            None if grad_weight is None else (grad_weight * scale).to(ctx.weight_dtype),
-            None if grad_bias is None else (grad_bias * scale).to(ctx.weight_dtype),
+            grad_hidden,
+            None if grad_weight is None else grad_weight.to(ctx.weight_dtype),
+            None if grad_bias is None else grad_bias.to(ctx.weight_dtype),
             None,
             None,
             None,
@@ -229,9 +250,12 @@ def causal_lm_loss(
     labels = inputs.pop("labels", None)
     shift_labels = inputs.pop("shift_labels", None)
     outputs = model(**inputs, logits_to_keep=1, output_hidden_states=True, use_cache=False)
+    hidden = outputs.hidden_states[-1]
+    # drop the one-token logits now: their graph holds the head's weight (its bf16 copy under autocast)
+    del outputs
     unwrapped = getattr(model, "module", model)  # DDP
     return chunked_causal_lm_loss(
-        outputs.hidden_states[-1],
+        hidden,
         unwrapped.get_output_embeddings(),
         labels,
         shift_labels=shift_labels,
