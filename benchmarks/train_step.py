@@ -24,6 +24,10 @@ Modes (each prints its table and ratios; run several with --modes):
   ckpt       activation checkpointing on vs off (time and memory)
   loss       chunked loss vs the model's own loss (full fp32 logits): memory and time
   profile    torch.profiler of one LongLoRA and one LoRA-full step (where the time goes)
+  memprofile SmolLM2: what is live at the peak of one step, by tensor class (a tensor-level tracker on the
+             allocator's events: step_bench/tracker.py), LongLoRA vs LoRA-full vs full FT
+  longest    SmolLM2: one LongLoRA step at --longest-lengths (32k-128k) with a fixed group, the tiled MLP over
+             the sequence (none / ours / DeepSpeed's TiledMLP) side by side, time per token and memory parts
 
     python benchmarks/train_step.py --modes speed --dtype fp32
     python benchmarks/train_step.py --quick       # seconds: every mode at tiny sizes (CI)
@@ -38,8 +42,9 @@ import platform
 import sys
 
 from step_bench.cells import DTYPES, Runner, worker
+from step_bench.longest import mode_longest
 from step_bench.loss import mode_loss
-from step_bench.memory import mode_budget
+from step_bench.memory import mode_budget, mode_memprofile
 from step_bench.profiling import mode_profile
 from step_bench.smollm2 import mode_smollm2
 from step_bench.speed import mode_ckpt, mode_speed
@@ -51,6 +56,8 @@ MODES = {
     "ckpt": mode_ckpt,
     "loss": mode_loss,
     "profile": mode_profile,
+    "longest": mode_longest,
+    "memprofile": mode_memprofile,
 }
 
 
@@ -106,10 +113,28 @@ def main() -> None:
         choices=["speed", "memory"],
         help="smollm2 mode",
     )
+    parser.add_argument(
+        "--smollm2-methods", nargs="+", default=["longlora", "lora", "full"], help="smollm2 memory part"
+    )
     parser.add_argument("--ckpt-lengths", type=int, nargs="+", default=[4096, 8192])
     parser.add_argument("--loss-lengths", type=int, nargs="+", default=[4096, 8192])
     parser.add_argument("--profile-length", type=int, default=16384)
     parser.add_argument("--profile-rows", type=int, default=12)
+    parser.add_argument(
+        "--longest-lengths", type=int, nargs="+", default=[32768, 65536, 131072], help="longest mode (tokens)"
+    )
+    parser.add_argument(
+        "--longest-tiling",
+        nargs="+",
+        default=["none", "ours", "deepspeed"],
+        choices=["none", "ours", "deepspeed"],
+        help="longest mode: the MLP tiling of each cell",
+    )
+    parser.add_argument("--tile", type=int, default=8192, help="tokens per MLP tile (tiled MLP)")
+    parser.add_argument(
+        "--memprofile-methods", nargs="+", default=["longlora", "lora", "full"], help="memprofile mode"
+    )
+    parser.add_argument("--memprofile-length", type=int, default=8192, help="memprofile mode (SmolLM2)")
     parser.add_argument("--save", help="append every measured cell (JSON) to this file")
     parser.add_argument("--load", nargs="+", help="cells measured before: --save files or -v logs")
     parser.add_argument("--reuse", action="store_true", help="do not re-run cells found in --load")
@@ -127,6 +152,7 @@ def main() -> None:
         args.lengths, args.fit_lengths, args.smollm2_lengths = [128, 256], [128, 256], [128, 256]
         args.ckpt_lengths, args.loss_lengths, args.profile_length, args.profile_rows = [128], [128], 128, 3
         args.fixed_group, args.budgets, args.repeats, args.verify_max_seconds = 32, [0.5], 1, 0
+        args.longest_lengths, args.memprofile_length = [128, 256], 128
         if "--dtype" not in sys.argv:
             args.dtype = "fp32"
         if "--modes" not in sys.argv:

@@ -111,6 +111,15 @@ def test_train_step_benchmark_quick():
     assert re.search(r"peak memory full FT / LongLoRA: \d+\.\d+x", out)
     # the loss table: fused, checkpointed and plain CPU seconds and the checkpointed / fused ratio
     assert re.search(r"^\s*128 \|\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+x \|", out, re.MULTILINE)
+    # the tensor-level tracker: a step peak per method, and where it was
+    assert "## memprofile" in out and re.search(r"step peak \(all classes\)(\s+[\d.]+){3}", out)
+    assert out.count("peak of ") >= 3
+    # the longest-context table: one row per length and MLP tiling, with its time per token and parts
+    assert "## longest context" in out
+    for tiling in ("none", "ours", "deepspeed"):
+        assert re.search(
+            rf"^\s*256\s+{tiling} \|\s+[\d.]+\s+[\d.]+ \|(\s+-?[\d.]+){{7}}$", out, re.MULTILINE
+        ), tiling
 
 
 def test_train_step_benchmark_quick_bf16():

@@ -11,6 +11,7 @@ Precision (``dtype``): ``fp32``; ``bf16`` (pure bf16: the model's weights, gradi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -23,6 +24,7 @@ from pathlib import Path
 
 GIB = 1024**3
 DTYPES = ("fp32", "bf16", "bf16-mixed")
+AUTOCAST_DTYPES = ("bf16-mixed",)
 TRAIN_STEP_SCRIPT = Path(__file__).resolve().parent.parent / "train_step.py"
 
 
@@ -87,13 +89,16 @@ def build_model(cfg: dict):
     attn = cfg.get("attn") or (hf_longlora.S2_ATTENTION if method == "longlora" else "sdpa")
     torch.manual_seed(0)
     if cfg["model"] == "smollm2":
+        from transformers import AutoConfig
+
         from hf_longlora.adapters.smollm2 import smollm2_checkpoint
 
+        config = AutoConfig.from_pretrained(smollm2_checkpoint())
+        if cfg["length"] > config.max_position_embeddings:
+            extend_context(config, cfg["length"])  # position interpolation beyond its 8k, as LongLoRA trains
         model = AutoModelForCausalLM.from_pretrained(
-            smollm2_checkpoint(), dtype=dtype, attn_implementation=attn
+            smollm2_checkpoint(), config=config, dtype=dtype, attn_implementation=attn
         )
-        if cfg["length"] > model.config.max_position_embeddings:
-            raise ValueError("SmolLM2 runs here are within its 8k context")
     else:
         config = bench_config(cfg)
         if cfg["length"] > config.max_position_embeddings:
@@ -114,6 +119,10 @@ def build_model(cfg: dict):
         )
     elif method != "full":
         raise ValueError(method)
+    if cfg.get("tiled_mlp"):
+        from .tiling import tile_mlps
+
+        tile_mlps(model, cfg["tiled_mlp"], cfg.get("tile") or 8192)
     if cfg["ckpt"]:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -146,6 +155,8 @@ def worker(cfg: dict) -> dict:
 
     from hf_longlora.training.loss import causal_lm_loss
 
+    tracking = bool(cfg.get("track"))
+
     if cfg.get("threads"):
         torch.set_num_threads(cfg["threads"])
     cuda = torch.cuda.is_available()
@@ -159,22 +170,31 @@ def worker(cfg: dict) -> dict:
     )
     gen = torch.Generator().manual_seed(0)
 
+    def phase(name: str):  # labels for the tensor-level tracker (tracker.py); free otherwise
+        return torch.profiler.record_function("phase::" + name) if tracking else contextlib.nullcontext()
+
     def step(length: int) -> float:
         ids = torch.randint(0, vocab, (1, length), generator=gen).to(device)
         batch = {"input_ids": ids, "labels": ids}
         cpu_start = time.process_time()
         start = time.perf_counter()
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=cfg["dtype"] == "bf16-mixed"):
+        with (
+            phase("forward"),
+            torch.autocast(device, dtype=torch.bfloat16, enabled=cfg["dtype"] in AUTOCAST_DTYPES),
+        ):
             if cfg["loss"] in (
                 "chunked",
                 "checkpointed",
             ):  # fused where the head allows it / always recompute
                 fused = None if cfg["loss"] == "chunked" else False
-                loss = causal_lm_loss(model, batch, chunk_size=cfg["chunk"], fused=fused)
+                with torch.profiler.record_function("mod::loss") if tracking else contextlib.nullcontext():
+                    loss = causal_lm_loss(model, batch, chunk_size=cfg["chunk"], fused=fused)
             else:
                 loss = model(**batch, use_cache=False).loss
-        loss.backward()
-        optimizer.step()
+        with phase("backward"):
+            loss.backward()
+        with phase("optimizer"):
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.synchronize()
@@ -191,7 +211,16 @@ def worker(cfg: dict) -> dict:
     sizes = component_sizes(model, optimizer)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    if cfg.get("profile"):
+    if tracking:
+        from torch.profiler import ProfilerActivity, profile
+
+        from .tracker import label_modules, live_at_peak
+
+        with label_modules(model), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            times = [step(cfg["length"])]
+        tracked = live_at_peak(prof)
+        del prof
+    elif cfg.get("profile"):
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -208,6 +237,7 @@ def worker(cfg: dict) -> dict:
         rss_model=rss_model,
         rss_warm=rss_warm,
         threads=torch.get_num_threads(),
+        tracked=tracked if tracking else None,
         **sizes,
     )
     return result
@@ -216,7 +246,7 @@ def worker(cfg: dict) -> dict:
 # ---------------------------------------------------------------------------------------------- the driver
 
 
-KEYS = ("model", "method", "length", "dtype", "ckpt", "loss", "group")
+KEYS = ("model", "method", "length", "dtype", "ckpt", "loss", "group", "tiled_mlp", "tile", "track")
 
 
 _CELL_LINE = re.compile(
@@ -274,7 +304,7 @@ class Runner:
         )
         base.update(cfg)
         if a.reuse or a.tables_only:  # a cell measured before (--load) is not run again
-            done = [r for r in self.results if all(r.get(k) == base[k] for k in KEYS)]
+            done = [r for r in self.results if all(r.get(k) == base.get(k) for k in KEYS)]
             if done:
                 return done[0]
         if a.tables_only:

@@ -83,3 +83,41 @@ def mode_budget(runner: Runner, args):
             print(
                 f"{METHOD_NAMES[method]:<20} {budget:>5} G {predicted:>15} {check:>8} {peak:>14} {status:>10}"
             )
+
+
+def mode_memprofile(runner: Runner, args):
+    """What is live at the peak of one step, by tensor class (step_bench/tracker.py), per method side by side."""
+    model = "tiny" if args.quick else "smollm2"
+    length = args.memprofile_length
+    cells = {}
+    for method in args.memprofile_methods:
+        result = runner.run(model=model, method=method, length=length, steps=1, track=True)
+        if result and result.get("tracked"):
+            cells[method] = result
+    print(
+        f"\n## memprofile: live at the peak of one step, by tensor class ({model}, L={length}, {args.dtype}; MiB of "
+        "torch's CPU allocations made during the step, from the allocator's events)"
+    )
+    if not cells:
+        return
+    classes: list[str] = []
+    for r in cells.values():
+        classes += [c for c in r["tracked"]["classes"] if c not in classes]
+    mib = 2**20
+    header = f"{'tensor class':<58}" + "".join(f" {METHOD_NAMES[m][:18]:>18}" for m in cells)
+    print(header)
+    for c in classes:
+        values = [r["tracked"]["classes"].get(c, 0) for r in cells.values()]
+        if max(values) >= mib / 2:
+            print(f"{c[:58]:<58}" + "".join(f" {v / mib:>18.1f}" for v in values))
+    print(
+        f"{'step peak (all classes)':<58}"
+        + "".join(f" {r['tracked']['peak'] / mib:>18.1f}" for r in cells.values())
+    )
+    print(
+        f"{'before the step: weights + AdamW state':<58}"
+        + "".join(f" {(r['weights'] + r['optimizer']) / mib:>18.1f}" for r in cells.values())
+    )
+    for m, r in cells.items():
+        at = r["tracked"]["peak_at"]
+        print(f"peak of {METHOD_NAMES[m]}: {at}")
