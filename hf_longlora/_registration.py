@@ -15,7 +15,13 @@ import sys
 TRIGGER = "transformers.modeling_utils"
 
 
+BACKEND = "hf_longlora.attention.backend"
+
+
 def _register() -> None:
+    backend = sys.modules.get(BACKEND)
+    if backend is not None and not hasattr(backend, "register_s2_attention"):
+        return  # the backend's own import loaded transformers: it registers itself when it finishes
     from .attention.backend import register_s2_attention
 
     register_s2_attention()

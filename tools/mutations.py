@@ -713,6 +713,41 @@ MUTATIONS: list[Mutation] = [
         "tests/test_training.py::test_two_process_ddp_on_cpu",
         slow=True,
     ),
+    # ---- issue #15: S2-Attn under Ulysses sequence parallelism
+    _m(
+        "ulysses-local-heads-split-as-if-all",
+        "hf_longlora/attention/ulysses.py",
+        'kwargs["global_heads"] = (rank * local, local * world)',
+        'kwargs["global_heads"] = (0, local)',
+        "each rank shifts the second half of its own heads instead of the model's last H // 2 heads",
+        "tests/test_ulysses.py",
+        slow=True,
+    ),
+    _m(
+        "ulysses-documents-from-positions-ignored",
+        BACKEND,
+        "documents_from_positions=global_heads is not None",
+        "documents_from_positions=False",
+        "under sequence parallelism the gathered position_ids are ignored: packed documents attend across",
+        "tests/test_ulysses.py::test_local_heads_equal_the_whole_attention",
+    ),
+    _m(
+        "ulysses-split-heads-local-boundary",
+        "hf_longlora/attention/groups.py",
+        "boundary = total - total // 2  # the first shifted head, globally",
+        "boundary = total // 2  # the first shifted head, globally",
+        "the shifted half starts at H // 2 instead of H - H // 2 (odd head counts)",
+        "tests/test_ulysses.py::test_split_heads_by_global_index",
+        "tests/test_ulysses.py::test_local_heads_equal_the_whole_attention",
+    ),
+    _m(
+        "ulysses-padding-continues-the-last-document",
+        "hf_longlora/training/sequence_parallel.py",
+        "[position_ids, torch.arange(pad, dtype=position_ids.dtype).expand(rows, pad)], dim=1",
+        "[position_ids, position_ids[:, -1:] + 1 + torch.arange(pad).expand(rows, pad)], dim=1",
+        "the padding to a multiple of sp continues the last document (its S2 groups change)",
+        "tests/test_ulysses.py::test_a_length_that_does_not_divide_is_padded_with_a_document_of_its_own",
+    ),
 ]
 
 

@@ -156,19 +156,21 @@ def _mask_matches(
     return True
 
 
-def _analyse_batch(attention_mask, batch: int, length: int, kwargs: dict, device) -> _Layout:
+def _analyse_batch(
+    attention_mask, batch: int, length: int, kwargs: dict, device, *, documents_from_positions: bool = False
+) -> _Layout:
     cu_seq_lens = kwargs.get("cu_seq_lens_q")
-    position_ids = kwargs.get("position_ids")
-    objs = (attention_mask, cu_seq_lens, position_ids if attention_mask is not None else None)
+    # position_ids only mark documents when transformers built a mask from them (packed detection);
+    # without a mask, sdpa attends across them, and so do we. Under sequence parallelism the mask is dropped and
+    # the gathered position_ids are the only record of the documents (``documents_from_positions``).
+    use_positions = attention_mask is not None or documents_from_positions
+    position_ids = kwargs.get("position_ids") if use_positions else None
+    objs = (attention_mask, cu_seq_lens, position_ids)
     cached = _layout_cache.get(objs, (batch, length))
     if cached is not None:
         return cached
 
-    # position_ids only mark documents when transformers built a mask from them (packed detection);
-    # without a mask, sdpa attends across them, and so do we
-    document_ids = _document_ids(
-        batch, length, position_ids if attention_mask is not None else None, cu_seq_lens, device
-    )
+    document_ids = _document_ids(batch, length, position_ids, cu_seq_lens, device)
     valid = None
     mask_kind, window = "plain", None
     if attention_mask is not None:
@@ -257,6 +259,7 @@ def _attend_packed(
     dropout: float,
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
+    global_heads: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """S2-Attn over packed tokens: ``query (T, H, D)``, ``key/value (T, Hkv, D)`` -> ``(T, H, Dv)``.
 
@@ -272,7 +275,7 @@ def _attend_packed(
     # flash-attn 2 has softcap but no sinks; SDPA has neither (sdpa_varlen_attention then computes eagerly)
     varlen = flash_varlen_attention if use_flash_attn(query) and sinks is None else sdpa_varlen_attention
     extra = {"softcap": softcap} if softcap is not None else {}
-    unshifted, shifted = split_heads(num_heads)
+    unshifted, shifted = split_heads(num_heads, global_heads)
     pieces = [
         (q_heads, kv_heads, cu_seqlens, permutation)
         for heads, cu_seqlens, permutation in (
@@ -338,8 +341,9 @@ def _allowed_by_plan(plan: S2Plan, layout: _Layout, batch: int, length: int, dev
 
 
 def _attend_dense(
-    query, key, value, model_mask, layout: _Layout, plan: S2Plan, *, scale, dropout, softcap=None, sinks=None
-) -> torch.Tensor:
+    query, key, value, model_mask, layout: _Layout, plan: S2Plan, *, scale, dropout, softcap=None, sinks=None,
+    global_heads=None,
+) -> torch.Tensor:  # fmt: skip
     """Fallback for masks beyond padding/packing: the model's mask AND the S2 pattern, per head half."""
     batch, num_heads, length, _ = query.shape
     rep = num_heads // key.shape[1]
@@ -350,7 +354,7 @@ def _attend_dense(
     valid = valid.to(query.device)
     eye = torch.eye(length, dtype=torch.bool, device=query.device)
     outputs = []
-    for half, heads in enumerate(split_heads(num_heads)):
+    for half, heads in enumerate(split_heads(num_heads, global_heads)):
         if len(heads) == 0:
             continue
         for q_heads, kv_heads in gqa_pieces(heads, rep):
@@ -408,6 +412,7 @@ def s2_attention_forward(
     dropout: float = 0.0,
     scaling: float | None = None,
     is_causal: bool | None = None,
+    global_heads: tuple[int, int] | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """Shifted sparse attention (LongLoRA's S2-Attn) with transformers' attention-function signature.
@@ -420,6 +425,9 @@ def s2_attention_forward(
         attention_mask: the ``sdpa`` mask: ``None`` or bool ``(B, 1, L, L)``, True = attend.
         dropout: attention dropout probability.
         scaling: softmax scale.
+        global_heads: ``(first, total)`` under sequence parallelism (:mod:`.ulysses`): these ``H`` heads are the
+            model's heads ``first .. first + H - 1`` of ``total``, each shifted or not by its global index, and
+            the documents come from ``position_ids`` (the mask is dropped). ``None``: all the heads.
         **kwargs: ``position_ids``, ``cu_seq_lens_q``/``cu_seq_lens_k`` for packed batches, ...
 
     Returns:
@@ -470,7 +478,13 @@ def s2_attention_forward(
     batch, num_heads, length, head_dim = query.shape
     if num_heads % key.shape[1]:
         raise ValueError(f"query heads ({num_heads}) must be a multiple of key/value heads ({key.shape[1]})")
-    layout = _analyse_batch(attention_mask, batch, length, kwargs, query.device)
+    if global_heads is not None:
+        _check_sequence_parallel_call(global_heads, num_heads, length, kwargs)
+        if sinks is not None and sinks.shape[0] == global_heads[1] != num_heads:  # the module's (H,) sinks
+            sinks = sinks[global_heads[0] : global_heads[0] + num_heads]
+    layout = _analyse_batch(
+        attention_mask, batch, length, kwargs, query.device, documents_from_positions=global_heads is not None
+    )
     plan, order = _plan_for(layout, settings, query.device)
     if _needs_dense(layout, plan):
         logger.warning_once(
@@ -479,7 +493,7 @@ def s2_attention_forward(
         )
         return _attend_dense(
             query, key, value, attention_mask, layout, plan, scale=scaling, dropout=dropout,
-            softcap=softcap, sinks=sinks,
+            softcap=softcap, sinks=sinks, global_heads=global_heads,
         ), None  # fmt: skip
 
     # (B, H, L, D) is a transposed view of (B, L, H, D) in transformers' models: packing it is free
@@ -491,11 +505,32 @@ def s2_attention_forward(
     if plan.total_tokens == 0:
         return query.new_zeros(batch, length, num_heads, value.shape[-1]), None
     out = _attend_packed(
-        q, k, v, plan, order, scale=scaling, dropout=dropout, softcap=softcap, sinks=sinks
-    )  # (T, H, Dv)
+        q, k, v, plan, order, scale=scaling, dropout=dropout,
+        softcap=softcap, sinks=sinks, global_heads=global_heads,
+    )  # (T, H, Dv)  # fmt: skip
     if layout.token_index is not None:  # pad positions output zeros
         out = out.new_zeros(batch * length, num_heads, out.shape[-1]).index_copy(0, layout.token_index, out)
     return out.view(batch, length, num_heads, -1), None
+
+
+def _check_sequence_parallel_call(
+    global_heads: tuple[int, int], num_heads: int, length: int, kwargs: dict
+) -> None:
+    first, total = global_heads
+    if not 0 <= first <= total - num_heads:
+        raise ValueError(
+            f"global_heads={global_heads}: {num_heads} local heads must lie within the model's {total}"
+        )
+    if kwargs.get("position_ids") is None:
+        raise ValueError(
+            "s2_attention under sequence parallelism needs the gathered position_ids (the mask is dropped)"
+        )
+    window = kwargs.get("sliding_window")
+    if window is not None and int(window) < length:
+        raise ValueError(
+            f"s2_attention under sequence parallelism: this layer has a sliding window of {window} tokens, which "
+            "DeepSpeed's Ulysses drops with the mask; train this model without sequence_parallel_size"
+        )
 
 
 def additive_mask(
@@ -595,3 +630,7 @@ def _refuse_models_without_attention_interface() -> None:
     checked.__wrapped__ = original
     checked.__doc__ = original.__doc__
     PreTrainedModel._check_and_adjust_attn_implementation = checked
+
+
+# importing this module first (before transformers' modeling code) must register too: see hf_longlora._registration
+register_s2_attention()

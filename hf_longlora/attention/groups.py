@@ -179,10 +179,20 @@ def plan_s2(
     )
 
 
-def split_heads(num_heads: int) -> tuple[range, range]:
-    """The two head halves as ``torch.chunk(2)`` splits them: first ``H - H // 2`` unshifted, last ``H // 2`` shifted."""
-    first = num_heads - num_heads // 2
-    return range(0, first), range(first, num_heads)
+def split_heads(num_heads: int, global_heads: tuple[int, int] | None = None) -> tuple[range, range]:
+    """The two head halves as ``torch.chunk(2)`` splits them: first ``H - H // 2`` unshifted, last ``H // 2`` shifted.
+
+    ``global_heads = (first, total)``: these ``num_heads`` heads are the model's heads ``first .. first +
+    num_heads - 1`` of ``total`` (sequence parallelism gives each rank a slice); each keeps the half of its global
+    index. Returns local ranges::
+
+        total 9, 3 ranks:  global 0 1 2 | 3 4 5 | 6 7 8      (first 9 - 4 = 5 heads unshifted)
+                           rank 0: all unshifted; rank 1: 3, 4 unshifted, 5 shifted; rank 2: all shifted
+    """
+    first, total = global_heads if global_heads is not None else (0, num_heads)
+    boundary = total - total // 2  # the first shifted head, globally
+    local = min(num_heads, max(0, boundary - first))
+    return range(0, local), range(local, num_heads)
 
 
 def gqa_pieces(heads: range, num_key_value_groups: int) -> list[tuple[range, range]]:

@@ -1,0 +1,86 @@
+"""Training with one sequence split across ranks (DeepSpeed's Ulysses, see :mod:`hf_longlora.attention.ulysses`).
+
+Each rank holds ``L / sp`` consecutive tokens of the same batch. What the training loop needs besides the
+attention:
+
+- :func:`shard_batch`: the labels shifted over the **whole** sequence first (the label of a rank's last token is
+  the next rank's first token), ``position_ids`` kept (they mark the documents), padded to a multiple of ``sp``
+  with a padding document of its own, then the rank's slice;
+- :func:`sequence_parallel_loss`: the token-weighted mean over the whole sequence: each rank's summed loss divided
+  by the token count of all ranks. Rank ``r``'s backward then gives its share of the gradient; the sum over the
+  ranks of the sequence is the full gradient (:func:`sum_gradients`, or DDP's mean scaled by ``sp``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def shift_labels_of(labels: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """``(B, L)`` labels for next-token prediction: token t predicts t + 1, except across a document border
+    (where ``position_ids`` restart) and after the last token."""
+    shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, L)
+    restarts = F.pad(position_ids[:, 1:] != position_ids[:, :-1] + 1, (0, 1), value=True)
+    return shifted.masked_fill(restarts, IGNORE_INDEX)
+
+
+def shard_batch(batch: dict, rank: int, world_size: int, pad_token_id: int = 0) -> dict:
+    """This rank's slice of a ``(B, L)`` batch with ``input_ids``, ``position_ids`` and ``labels`` (or
+    ``shift_labels``); the result has ``input_ids``, ``position_ids`` and ``shift_labels``, each ``(B, L' / sp)``.
+
+    ``L`` is padded up to ``L'``, a multiple of ``world_size``: the padding is a document of its own (its
+    positions restart at 0) whose labels are ignored, so the real tokens' attention and loss do not change."""
+    for key in ("input_ids", "position_ids"):
+        if key not in batch:
+            raise ValueError(
+                f"a sequence-parallel batch needs {key!r} (position_ids mark the documents, as the mask is dropped)"
+            )
+    input_ids, position_ids = batch["input_ids"], batch["position_ids"].expand_as(batch["input_ids"])
+    if "shift_labels" in batch:
+        shift = batch["shift_labels"]
+    else:
+        shift = shift_labels_of(batch.get("labels", input_ids), position_ids)
+    length = input_ids.shape[1]
+    pad = -length % world_size
+    if pad:
+        rows = input_ids.shape[0]
+        input_ids = torch.cat([input_ids, input_ids.new_full((rows, pad), pad_token_id)], dim=1)
+        position_ids = torch.cat(
+            [position_ids, torch.arange(pad, dtype=position_ids.dtype).expand(rows, pad)], dim=1
+        )
+        shift = torch.cat([shift, shift.new_full((rows, pad), IGNORE_INDEX)], dim=1)
+    chunk = input_ids.shape[1] // world_size
+    part = slice(rank * chunk, (rank + 1) * chunk)
+    return {
+        "input_ids": input_ids[:, part],
+        "position_ids": position_ids[:, part],
+        "shift_labels": shift[:, part],
+    }
+
+
+def sequence_parallel_loss(
+    logits: torch.Tensor, shift_labels: torch.Tensor, group=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss to backward, mean loss of the whole sequence)`` for this rank's ``(B, l, V)`` logits.
+
+    The first is this rank's summed token losses over the token count of every rank of ``group`` (so the ranks'
+    gradients add up to the gradient of the whole sequence's mean); the second, detached, is that mean itself
+    (the same on every rank), for logging."""
+    summed = F.cross_entropy(
+        logits.flatten(0, 1).float(), shift_labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    counts = torch.stack([(shift_labels != IGNORE_INDEX).sum().to(summed.dtype), summed.detach()])
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(counts, group=group)
+    tokens = counts[0].clamp(min=1)
+    return summed / tokens, counts[1] / tokens
+
+
+def sum_gradients(model: torch.nn.Module, group=None) -> None:
+    """Add up the trainable parameters' gradients over the ranks of ``group`` (one sequence's ranks)."""
+    for param in model.parameters():
+        if param.grad is not None:
+            torch.distributed.all_reduce(param.grad, group=group)
