@@ -297,27 +297,37 @@ def test_fused_path_is_chosen_for_plain_and_tied_heads_only(monkeypatch):
         )
 
 
-def test_fused_under_bf16_autocast_within_pytorch_error():
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize(
+    "vocab_slice", [8192, 128]
+)  # 128: the fp32 logits are filled in three vocabulary slices
+def test_fused_under_bf16_autocast_within_pytorch_error(with_bias, vocab_slice, monkeypatch):
     """flash-attention's rule: error vs an fp64 reference within a small multiple of plain PyTorch's own error."""
+    import hf_longlora.training.loss as loss_module
+
+    monkeypatch.setattr(loss_module, "_VOCAB_SLICE", vocab_slice)
     g = torch.Generator().manual_seed(0)
-    head64 = torch.nn.Linear(64, 300, bias=False, dtype=torch.float64)
+    head64 = torch.nn.Linear(64, 300, bias=with_bias, dtype=torch.float64)
     hidden64 = torch.randn(2, 96, 64, dtype=torch.float64, generator=g, requires_grad=True)
     labels = torch.randint(0, 300, (2, 96), generator=g)
     labels[1, :10] = -100
     flat = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:].reshape(-1)
-    ref = _plain_reference(hidden64.reshape(-1, 64), head64.weight, None, flat, (flat != -100).sum())
-    ref_grads = torch.autograd.grad(ref, [hidden64, head64.weight])
+    params64 = [head64.weight] + ([head64.bias] if with_bias else [])
+    ref = _plain_reference(hidden64.reshape(-1, 64), head64.weight, head64.bias, flat, (flat != -100).sum())
+    ref_grads = torch.autograd.grad(ref, [hidden64, *params64])
 
     def run(fn):
-        head = torch.nn.Linear(64, 300, bias=False)
-        head.weight.data.copy_(head64.weight.data)
+        head = torch.nn.Linear(64, 300, bias=with_bias)
+        head.load_state_dict({k: v.float() for k, v in head64.state_dict().items()})
         hidden = hidden64.detach().float().requires_grad_(True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = fn(hidden, head)
-        return loss, torch.autograd.grad(loss, [hidden, head.weight])
+        return loss, torch.autograd.grad(loss, [hidden, *head.parameters()])
 
     plain_loss, plain_grads = run(
-        lambda h, head: _plain_reference(h.reshape(-1, 64), head.weight, None, flat, (flat != -100).sum())
+        lambda h, head: _plain_reference(
+            h.reshape(-1, 64), head.weight, head.bias, flat, (flat != -100).sum()
+        )
     )
     fused_loss, fused_grads = run(
         lambda h, head: chunked_causal_lm_loss(h, head, labels, chunk_size=32, fused=True)

@@ -37,6 +37,8 @@ from .schedule import FirstStepLearnsMixin, ResumeFromCompleteCheckpointMixin
 
 IGNORE_INDEX = -100
 DEFAULT_CHUNK_SIZE = 1024
+# vocabulary rows per low-precision product when the fused loss fills a chunk's fp32 logits
+_VOCAB_SLICE = 8192
 # config attributes that change the logits after the LM head: the plain loss is used for such models
 _LOGIT_TRANSFORMS = (
     "final_logit_softcapping",
@@ -98,43 +100,57 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         )  # (V, H)
         grad_bias = torch.zeros_like(bias, dtype=_loss_dtype(bias.dtype)) if need_bias else None  # (V,)
         total = hidden.new_zeros((), dtype=_loss_dtype(hidden.dtype))
-        # the dtype the two gradient products run in: autocast's (as it would cast them itself), else the hidden's
-        autocast = torch.is_autocast_enabled(hidden.device.type)
+        # the products run in autocast's dtype where autocast would cast them, else in the hidden states' dtype
+        device = hidden.device.type
+        autocast = torch.is_autocast_enabled(device)
         product_dtype = (
-            torch.get_autocast_dtype(hidden.device.type)
-            if autocast and hidden.dtype == torch.float32
-            else hidden.dtype
+            torch.get_autocast_dtype(device) if autocast and hidden.dtype == torch.float32 else hidden.dtype
         )
-        for start in range(0, hidden.size(0), chunk_size):
-            h = hidden[start : start + chunk_size]  # (n, H)
-            t = targets[start : start + chunk_size]  # (n,)
-            logits = _upcast(F.linear(h, weight, bias))  # (n, V), in the autocast dtype if autocast is on
-            labelled = t != IGNORE_INDEX  # (n,)
-            safe = t.clamp(min=0).unsqueeze(1)  # (n, 1)
-            picked = logits.gather(1, safe).squeeze(1)  # (n,)
-            # one exp over the chunk serves the loss and its gradient; the logits' memory is reused
-            row_max = logits.amax(dim=-1, keepdim=True)  # (n, 1)
-            probs = logits.sub_(row_max).exp_()  # (n, V), unnormalised
-            row_sum = probs.sum(dim=-1, keepdim=True)  # (n, 1)
-            log_z = (row_max + row_sum.log()).squeeze(1)  # (n,)
-            total += ((log_z - picked) * labelled).sum()
-            if not (need_hidden or need_weight or need_bias):
-                continue
-            # d loss / d logits = (softmax - onehot) / normaliser on labelled rows, 0 elsewhere
-            weight_of_row = (labelled.to(probs.dtype) / normaliser).unsqueeze(1)  # (n, 1)
-            probs.mul_(weight_of_row / row_sum).scatter_add_(
-                1, safe, -weight_of_row
-            )  # (n, V): d loss / d logits
-            # cast once (autocast would cast it for each product) and free the fp32 chunk before the products
-            grad_logits = probs.to(product_dtype)
-            del logits, probs
-            if need_hidden:
-                grad_hidden[start : start + chunk_size] = grad_logits @ weight  # (n, H)
-            if need_weight:
-                grad_weight += grad_logits.t() @ h  # (V, H)
-            if need_bias:
-                grad_bias += grad_logits.sum(0)
-            del grad_logits  # before the next chunk's logits exist
+        logits_dtype = _loss_dtype(product_dtype)
+        if autocast:
+            # the model's forward is over: drop the low-precision copies autocast keeps of trainable weights until
+            # its region ends (the head's among them; every weight's under full fine-tuning); the head is cast here
+            torch.clear_autocast_cache()
+        w = weight.to(product_dtype)  # (V, H)
+        b = None if bias is None else bias.to(product_dtype)  # (V,)
+        vocab = weight.size(0)
+        with torch.autocast(device, enabled=False):
+            for start in range(0, hidden.size(0), chunk_size):
+                h = hidden[start : start + chunk_size].to(product_dtype)  # (n, H)
+                t = targets[start : start + chunk_size]  # (n,)
+                if logits_dtype == product_dtype:
+                    logits = F.linear(h, w, b)  # (n, V)
+                else:  # low precision: fill the fp32 logits a vocabulary slice at a time (no full low-precision copy)
+                    logits = h.new_empty((h.size(0), vocab), dtype=logits_dtype)  # (n, V)
+                    for v in range(0, vocab, _VOCAB_SLICE):
+                        logits[:, v : v + _VOCAB_SLICE] = F.linear(
+                            h, w[v : v + _VOCAB_SLICE], None if b is None else b[v : v + _VOCAB_SLICE]
+                        )
+                labelled = t != IGNORE_INDEX  # (n,)
+                safe = t.clamp(min=0).unsqueeze(1)  # (n, 1)
+                picked = logits.gather(1, safe).squeeze(1)  # (n,)
+                # one exp over the chunk serves the loss and its gradient; the logits' memory is reused
+                row_max = logits.amax(dim=-1, keepdim=True)  # (n, 1)
+                probs = logits.sub_(row_max).exp_()  # (n, V), unnormalised
+                row_sum = probs.sum(dim=-1, keepdim=True)  # (n, 1)
+                log_z = (row_max + row_sum.log()).squeeze(1)  # (n,)
+                total += ((log_z - picked) * labelled).sum()
+                if not (need_hidden or need_weight or need_bias):
+                    continue
+                # d loss / d logits = (softmax - onehot) / normaliser on labelled rows, 0 elsewhere
+                weight_of_row = (labelled.to(probs.dtype) / normaliser).unsqueeze(1)  # (n, 1)
+                probs.mul_(weight_of_row / row_sum).scatter_add_(1, safe, -weight_of_row)  # (n, V)
+                if need_bias:
+                    grad_bias += probs.sum(0)
+                # cast once for both products and free the fp32 chunk before them
+                grad_logits = probs.to(product_dtype)  # (n, V)
+                del logits, probs
+                if need_hidden:
+                    grad_hidden[start : start + chunk_size] = grad_logits @ w  # (n, H)
+                if need_weight:
+                    grad_weight += grad_logits.t() @ h  # (V, H)
+                del grad_logits  # before the next chunk's logits exist
+        del w, b
         # kept on ctx, not saved for backward: the backward scales them in place and hands them over, so no copy
         # of the (V, H) head gradient is made and autograd can accumulate into it
         ctx.grads = (grad_hidden, grad_weight, grad_bias)
@@ -182,7 +198,8 @@ def chunked_causal_lm_loss(
         shift_labels: already shifted labels (instead of ``labels``).
         num_items_in_batch: when given, the loss is the sum divided by it (the trainer's gradient-accumulation
             normalisation); else the mean over the labelled tokens.
-        chunk_size: tokens per chunk (the peak extra memory is about ``chunk_size * vocab * 10`` bytes).
+        chunk_size: tokens per chunk (the fused path holds about ``chunk_size * vocab * 6`` bytes at once: the
+            chunk's fp32 logits and, in bf16/fp16, one low-precision copy of their gradient).
         fused: compute the gradients in the forward (no recompute); ``None`` = whenever the head is a plain
             ``nn.Linear`` (see the module docstring), ``False`` = always the checkpointed chunks, ``True`` =
             raise if the head is not a plain linear layer.
