@@ -178,3 +178,86 @@ def test_training_steps_across_processes_equal_one_process(tmp_path, world, head
         scale = max(g.abs().max().item() for g in expected.values())
         for name, grad in expected.items():
             torch.testing.assert_close(got[name], grad, rtol=0, atol=5e-6 * scale, msg=name)
+
+
+# ------------------------------------------------------------------------------------------- the commands
+
+
+@pytest.mark.slow
+def test_train_cli_with_sequence_parallel_size_2_equals_one_process(tmp_path, tiny_checkpoint, corpus):
+    """`hf-longlora train` with `sequence_parallel_size: 2` under accelerate (2 gloo processes, each holding 128 of
+    the 256 tokens): the per-step losses and gradient norms are those of one process on whole blocks. The same
+    blocks in the same order: accelerate gives rank r the blocks at places 2k + r of the seeded order, and
+    Ulysses' data adapter runs rank 0's block, then rank 1's, each across both ranks."""
+    from test_training import accelerate_launch, run_cli, train_config, trainer_log_history, write_yaml
+
+    settings = dict(max_steps=4, save_steps=4, logging_steps=1, learning_rate=0.01)
+    config = train_config(tmp_path, tiny_checkpoint, corpus, sequence_parallel_size=2, **settings)
+    launch = accelerate_launch(
+        TESTS.parent / "examples" / "accelerate" / "ddp_cpu_2proc.yaml",
+        ["train", "--config", str(write_yaml(tmp_path / "sp.yaml", config))],
+    )
+    assert launch.returncode == 0, launch.stderr[-4000:]
+    parallel = [h for h in trainer_log_history(tmp_path / "out") if "loss" in h]
+    single_config = train_config(
+        tmp_path, tiny_checkpoint, corpus, output_dir=str(tmp_path / "single"), **settings
+    )
+    result = run_cli(["train", "--config", str(write_yaml(tmp_path / "single.yaml", single_config))])
+    assert result.returncode == 0, result.stderr[-4000:]
+    single = [h for h in trainer_log_history(tmp_path / "single") if "loss" in h]
+    assert len(parallel) == len(single) == 4
+    assert [h["loss"] for h in parallel] == pytest.approx([h["loss"] for h in single], rel=1e-5, abs=0)
+    assert [h["grad_norm"] for h in parallel] == pytest.approx(
+        [h["grad_norm"] for h in single], rel=1e-4, abs=0
+    )
+    assert len({round(h["loss"], 3) for h in single}) == 4  # the steps differ: training moves
+
+
+@pytest.mark.parametrize(
+    ("extra", "env", "message"),
+    [
+        (
+            {"sequence_parallel_size": 2},
+            {},
+            r"needs a multiple of 2 processes, got 1: start with `accelerate launch",
+        ),
+        (
+            {"sequence_parallel_size": 3, "context_length": 264},
+            {},
+            r"must divide the model's 4 attention heads .*sizes that fit: \[2, 4\]",
+        ),
+        (
+            {"sequence_parallel_size": 2, "context_length": 255},
+            {},
+            r"context_length=255 \(the block length\) must",
+        ),
+        ({"sequence_parallel_size": 0}, {}, r"sequence_parallel_size must be >= 1, got 0"),
+        (
+            {},
+            {"PARALLELISM_CONFIG_CP_SIZE": "2"},
+            r"cp_size=2: ring context parallelism .*`sequence_parallel_size: N`",
+        ),
+        ({}, {"PARALLELISM_CONFIG_SP_SIZE": "2"}, r"sp_size=2 in accelerate's .*`sequence_parallel_size: 2`"),
+        (
+            {"deepspeed": {"sequence_parallel_size": 4, "zero_optimization": {"stage": 2}}},
+            {},
+            r"sequence_parallel_size=4 in the DeepSpeed config: .*`sequence_parallel_size: 4` in the hf-longlora",
+        ),
+    ],
+)
+def test_bad_sequence_parallel_settings_fail_before_loading(
+    tmp_path, tiny_checkpoint, corpus, extra, env, message, capsys, no_loading, monkeypatch
+):
+    import re
+
+    from test_training import train_config, write_yaml
+
+    from hf_longlora import cli
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    config = train_config(tmp_path, tiny_checkpoint, corpus, **extra)
+    code = cli.main(["train", "--config", str(write_yaml(tmp_path / "c.yaml", config))])
+    err = capsys.readouterr().err
+    assert code == 2 and re.search(message, err), err
+    assert not (tmp_path / "out").exists()

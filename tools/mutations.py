@@ -741,6 +741,15 @@ MUTATIONS: list[Mutation] = [
         "tests/test_ulysses.py::test_local_heads_equal_the_whole_attention",
     ),
     _m(
+        "ulysses-trainer-loss-share-not-scaled",
+        "hf_longlora/training/sequence_parallel.py",
+        "        return loss * self.sequence_parallel_size",
+        "        return loss",
+        "the trainer's sequence-parallel loss is not scaled by sp: DDP's mean halves the gradient and the logged loss",
+        "tests/test_ulysses.py::test_train_cli_with_sequence_parallel_size_2_equals_one_process",
+        slow=True,
+    ),
+    _m(
         "ulysses-padding-continues-the-last-document",
         "hf_longlora/training/sequence_parallel.py",
         "[position_ids, torch.arange(pad, dtype=position_ids.dtype).expand(rows, pad)], dim=1",

@@ -62,6 +62,14 @@ class LongLoraArguments:
         },
     )
 
+    sequence_parallel_size: int = field(
+        default=1,
+        metadata={
+            "help": "Split each sequence across this many processes (DeepSpeed's Ulysses, S2-Attn exact on every "
+            "rank); the launch needs a multiple of it (accelerate launch --num_processes N)."
+        },
+    )
+
     no_progress: bool = field(
         default=False, metadata={"help": "No progress bars (the trainer's, model loading's, datasets')."}
     )
@@ -82,6 +90,8 @@ class LongLoraArguments:
         if self.context_length is not None and self.context_length < 2:
             raise ValueError(f"context_length must be >= 2, got {self.context_length}")
         S2Settings(self.s2_group_size_ratio, self.s2_group_size, self.s2_shift)  # validates the knobs
+        if not isinstance(self.sequence_parallel_size, int) or self.sequence_parallel_size < 1:
+            raise ValueError(f"sequence_parallel_size must be >= 1, got {self.sequence_parallel_size!r}")
 
 
 @dataclass

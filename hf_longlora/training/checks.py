@@ -17,8 +17,11 @@ from .arguments import LongLoraArguments
 
 
 def check_no_sequence_parallelism(training_args) -> None:
-    """S2-Attn cannot run under accelerate's context parallelism or DeepSpeed Ulysses: they accept only built-in
-    attention implementations and split the sequence across ranks, which would cut S2's groups."""
+    """Refuse the parallelism settings of accelerate and DeepSpeed that cannot run S2-Attn, with what to write
+    instead: accelerate's ring context parallelism (``cp_size``, which transformers restricts to ``sdpa``) and
+    accelerate's or DeepSpeed's own Ulysses switch (``sp_size``, ``sequence_parallel_size`` in the DeepSpeed config),
+    whose ``sp_attn_implementation`` accepts only built-in attention and would re-register it process-wide. Our
+    ``sequence_parallel_size`` key drives DeepSpeed's Ulysses directly (:mod:`hf_longlora.attention.ulysses`)."""
     sizes = {}
     config = getattr(training_args, "parallelism_config", None)
     for name in ("cp_size", "sp_size"):
@@ -28,12 +31,23 @@ def check_no_sequence_parallelism(training_args) -> None:
     deepspeed = getattr(training_args, "deepspeed", None)
     if isinstance(deepspeed, dict):
         sizes["sequence_parallel_size"] = int(deepspeed.get("sequence_parallel_size", 1) or 1)
+    if sizes["cp_size"] > 1:
+        raise ValueError(
+            f"cp_size={sizes['cp_size']}: ring context parallelism cannot run s2_attention (transformers restricts it "
+            "to attn_implementation='sdpa'). To split long sequences across processes with S2-Attn, remove cp_size "
+            "and set `sequence_parallel_size: N` in the hf-longlora config (DeepSpeed's Ulysses)."
+        )
     bad = {k: v for k, v in sizes.items() if v > 1}
     if bad:
+        name, size = next(iter(bad.items()))
+        where = (
+            "the DeepSpeed config" if name == "sequence_parallel_size" else "accelerate's parallelism config"
+        )
         raise ValueError(
-            f"s2_attention cannot be combined with context/sequence parallelism ({bad}): accelerate's context "
-            "parallelism and DeepSpeed Ulysses accept only built-in attention implementations. Use data parallelism "
-            "(DDP, DeepSpeed ZeRO) with S2-Attn, or attn_implementation='sdpa' with sequence parallelism."
+            f"{name}={size} in {where}: accelerate's Ulysses switch accepts only built-in attention "
+            "(sp_attn_implementation sdpa/flash_attention_2/3) and would re-register it for the whole process. "
+            f"Remove it and set `sequence_parallel_size: {size}` in the hf-longlora config instead: it drives "
+            "DeepSpeed's Ulysses with S2-Attn (docs/training.md, 'One sequence across processes')."
         )
 
 

@@ -34,6 +34,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import Trainer
 
 from .schedule import FirstStepLearnsMixin, ResumeFromCompleteCheckpointMixin
+from .sequence_parallel import SequenceParallelMixin
 
 IGNORE_INDEX = -100
 DEFAULT_CHUNK_SIZE = 1024
@@ -109,23 +110,30 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         logits_dtype = _loss_dtype(product_dtype)
         if autocast:
             # the model's forward is over: drop the low-precision copies autocast keeps of trainable weights until
-            # its region ends (the head's among them; every weight's under full fine-tuning); the head is cast here
+            # its region ends (the head's among them; every weight's under full fine-tuning)
             torch.clear_autocast_cache()
-        w = weight.to(product_dtype)  # (V, H)
-        b = None if bias is None else bias.to(product_dtype)  # (V,)
+        # fp32/fp64: whole-chunk products. bf16/fp16: a vocabulary slice at a time, the head's slice cast when used,
+        # so that besides the chunk's fp32 logits only slice-sized low-precision tensors exist
+        low_precision = logits_dtype != product_dtype
         vocab = weight.size(0)
+        step = _VOCAB_SLICE if low_precision else vocab
+        slices = [(v, min(v + step, vocab)) for v in range(0, vocab, step)]
+
+        def head_slice(v0, v1):
+            return weight[v0:v1].to(product_dtype), None if bias is None else bias[v0:v1].to(product_dtype)
+
         with torch.autocast(device, enabled=False):
             for start in range(0, hidden.size(0), chunk_size):
                 h = hidden[start : start + chunk_size].to(product_dtype)  # (n, H)
                 t = targets[start : start + chunk_size]  # (n,)
-                if logits_dtype == product_dtype:
-                    logits = F.linear(h, w, b)  # (n, V)
-                else:  # low precision: fill the fp32 logits a vocabulary slice at a time (no full low-precision copy)
+                if low_precision:
                     logits = h.new_empty((h.size(0), vocab), dtype=logits_dtype)  # (n, V)
-                    for v in range(0, vocab, _VOCAB_SLICE):
-                        logits[:, v : v + _VOCAB_SLICE] = F.linear(
-                            h, w[v : v + _VOCAB_SLICE], None if b is None else b[v : v + _VOCAB_SLICE]
-                        )
+                    for v0, v1 in slices:
+                        logits[:, v0:v1] = F.linear(h, *head_slice(v0, v1))
+                else:
+                    logits = F.linear(
+                        h, weight.to(product_dtype), None if bias is None else bias.to(product_dtype)
+                    )
                 labelled = t != IGNORE_INDEX  # (n,)
                 safe = t.clamp(min=0).unsqueeze(1)  # (n, 1)
                 picked = logits.gather(1, safe).squeeze(1)  # (n,)
@@ -136,21 +144,31 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 log_z = (row_max + row_sum.log()).squeeze(1)  # (n,)
                 total += ((log_z - picked) * labelled).sum()
                 if not (need_hidden or need_weight or need_bias):
+                    del logits, probs
                     continue
                 # d loss / d logits = (softmax - onehot) / normaliser on labelled rows, 0 elsewhere
                 weight_of_row = (labelled.to(probs.dtype) / normaliser).unsqueeze(1)  # (n, 1)
                 probs.mul_(weight_of_row / row_sum).scatter_add_(1, safe, -weight_of_row)  # (n, V)
                 if need_bias:
                     grad_bias += probs.sum(0)
-                # cast once for both products and free the fp32 chunk before them
-                grad_logits = probs.to(product_dtype)  # (n, V)
-                del logits, probs
+                if not low_precision:
+                    if need_hidden:
+                        grad_hidden[start : start + chunk_size] = probs @ weight  # (n, H)
+                    if need_weight:
+                        grad_weight += probs.t() @ h  # (V, H)
+                    del logits, probs  # before the next chunk's logits exist
+                    continue
+                grad_h = torch.zeros_like(h, dtype=logits_dtype) if need_hidden else None  # (n, H)
+                for v0, v1 in slices:
+                    g = probs[:, v0:v1].to(product_dtype)  # (n, v)
+                    if need_hidden:
+                        grad_h += g @ head_slice(v0, v1)[0]
+                    if need_weight:
+                        grad_weight[v0:v1] += g.t() @ h  # (v, H)
+                    del g
                 if need_hidden:
-                    grad_hidden[start : start + chunk_size] = grad_logits @ w  # (n, H)
-                if need_weight:
-                    grad_weight += grad_logits.t() @ h  # (V, H)
-                del grad_logits  # before the next chunk's logits exist
-        del w, b
+                    grad_hidden[start : start + chunk_size] = grad_h
+                del logits, probs  # before the next chunk's logits exist
         # kept on ctx, not saved for backward: the backward scales them in place and hands them over, so no copy
         # of the (V, H) head gradient is made and autograd can accumulate into it
         ctx.grads = (grad_hidden, grad_weight, grad_bias)
@@ -282,7 +300,9 @@ def causal_lm_loss(
     )
 
 
-class ChunkedLossTrainer(FirstStepLearnsMixin, ResumeFromCompleteCheckpointMixin, Trainer):
+class ChunkedLossTrainer(
+    SequenceParallelMixin, FirstStepLearnsMixin, ResumeFromCompleteCheckpointMixin, Trainer
+):
     """transformers' ``Trainer`` whose causal-LM loss never holds the whole sequence's logits.
 
     Same loss, gradients and gradient-accumulation semantics as ``Trainer.compute_loss`` (``num_items_in_batch``,

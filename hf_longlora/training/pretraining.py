@@ -37,9 +37,11 @@ def run_pretraining(
     ``recipe_explicit``: the keys the user set (the CLI passes them); when given, the other recipe defaults are
     scaled to the model with :func:`scale_recipe`."""
     from datasets import Dataset, load_dataset
-    from transformers import default_data_collator
+    from transformers import AutoConfig, default_data_collator
 
+    from ..attention.ulysses import register_s2_ulysses
     from ..data import pack_documents, read_text_corpus, stdlib_documents, tokenize_documents
+    from .sequence_parallel import check_sequence_parallel_launch
 
     check_no_sequence_parallelism(training_args)
     check_supported_keys(recipe_explicit, model_args, corpus_args, longlora_args)
@@ -53,6 +55,15 @@ def run_pretraining(
     target = check_context_extension(
         model_args.model_name_or_path, longlora_args, revision=model_args.model_revision
     )
+    sequence_parallel = longlora_args.sequence_parallel_size
+    if sequence_parallel > 1:
+        if target % sequence_parallel:
+            raise ValueError(
+                f"context_length={target} (the block length) must be a multiple of sequence_parallel_size="
+                f"{sequence_parallel}: each rank holds context_length / sequence_parallel_size tokens"
+            )
+        config = AutoConfig.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
+        check_sequence_parallel_launch(sequence_parallel, config)
     if recipe_explicit is not None:
         scale_recipe("train", recipe_explicit, model_args, longlora_args, training_args, target)
     sources = [
@@ -95,7 +106,12 @@ def run_pretraining(
         raise ValueError(f"the corpus has {total} tokens, fewer than one block of context_length={target}")
     callbacks = build_callbacks(longlora_args, tokenizer, eval_ids)
 
+    if sequence_parallel > 1:  # Ulysses needs the positions: they are the only record of the documents
+        for block in blocks:
+            block.setdefault("position_ids", list(range(len(block["input_ids"]))))
     model = load_for_training(model_args, longlora_args, training_args, target)
+    if sequence_parallel > 1:
+        register_s2_ulysses(model, sequence_parallel, training_args.per_device_train_batch_size)
     model.peft_config["default"].training_data = [corpus_args.dataset_name or ",".join(corpus_args.corpus)]
     # the loss in chunks of the sequence: no (seq, vocab) logits (TRL's SFTTrainer does the same for run_sft)
     trainer = ChunkedLossTrainer(
@@ -105,6 +121,7 @@ def run_pretraining(
         data_collator=default_data_collator,
         processing_class=tokenizer,
     )
+    trainer.sequence_parallel_size = sequence_parallel
     add_longlora_callbacks(trainer, callbacks)
     remove_stale_checkpoints(stale, training_args)
     trainer.train(resume_from_checkpoint=resume_arg(training_args))

@@ -13,6 +13,9 @@ attention:
 
 from __future__ import annotations
 
+import copy
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -84,3 +87,66 @@ def sum_gradients(model: torch.nn.Module, group=None) -> None:
     for param in model.parameters():
         if param.grad is not None:
             torch.distributed.all_reduce(param.grad, group=group)
+
+
+def check_sequence_parallel_launch(sequence_parallel_size: int, config=None) -> None:
+    """Before any weights load: the launch has a multiple of ``sequence_parallel_size`` processes, DeepSpeed is
+    installed, and (given the model's config) its heads split over the ranks."""
+    from ..attention.ulysses import check_sequence_parallel_model, is_deepspeed_available
+
+    if config is not None:  # the config as it will be loaded
+        config = copy.copy(config)
+        config._attn_implementation = "s2_attention"
+        check_sequence_parallel_model(config, sequence_parallel_size)
+    elif not isinstance(sequence_parallel_size, int) or sequence_parallel_size < 1:
+        raise ValueError(f"sequence_parallel_size must be an integer >= 1, got {sequence_parallel_size!r}")
+    if sequence_parallel_size == 1:
+        return
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world % sequence_parallel_size:
+        raise ValueError(
+            f"sequence_parallel_size={sequence_parallel_size} needs a multiple of {sequence_parallel_size} processes, "
+            f"got {world}: start with `accelerate launch --num_processes {sequence_parallel_size} -m hf_longlora.cli "
+            "...` (or torchrun)"
+        )
+    if not is_deepspeed_available():
+        raise ImportError("sequence_parallel_size > 1 needs DeepSpeed: pip install 'hf-longlora[deepspeed]'")
+
+
+class SequenceParallelMixin:
+    """Trainer mixin: with ``sequence_parallel_size > 1``, the training batches go through DeepSpeed's
+    ``UlyssesSPDataLoaderAdapter`` (each rank gets its slice of one sequence, with ``shift_labels``) and the loss is
+    the sequence's token-weighted mean (:func:`sequence_parallel_loss`'s rule, in chunks: no full logits).
+
+    The returned loss is that rank's share times ``sequence_parallel_size``: DDP averages the gradients over the
+    processes, so the ranks of one sequence add up to its full gradient (and the logged mean is the sequence's)."""
+
+    sequence_parallel_size: int = 1
+
+    def get_train_dataloader(self):
+        loader = super().get_train_dataloader()
+        if self.sequence_parallel_size == 1:
+            return loader
+        from deepspeed.runtime.sequence_parallel import parallel_state_sp as mpu
+        from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPDataLoaderAdapter
+
+        return UlyssesSPDataLoaderAdapter(
+            loader,
+            sp_rank=mpu.get_sequence_parallel_rank(),
+            sp_group=mpu.get_sequence_parallel_group(),
+            sp_world_size=mpu.get_sequence_parallel_world_size(),
+            device=self.args.device,
+        )
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.sequence_parallel_size == 1 or return_outputs or "shift_labels" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        from deepspeed.runtime.sequence_parallel import parallel_state_sp as mpu
+
+        from .loss import causal_lm_loss
+
+        tokens = (inputs["shift_labels"] != IGNORE_INDEX).sum()
+        torch.distributed.all_reduce(tokens, group=mpu.get_sequence_parallel_group())
+        inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        loss = causal_lm_loss(model, inputs, num_items_in_batch=tokens.clamp(min=1))  # this rank's share
+        return loss * self.sequence_parallel_size
