@@ -261,3 +261,47 @@ def test_bad_sequence_parallel_settings_fail_before_loading(
     err = capsys.readouterr().err
     assert code == 2 and re.search(message, err), err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_sft_cli_with_sequence_parallel_size_2_equals_one_process(tmp_path, tiny_checkpoint):
+    """`hf-longlora sft` with `sequence_parallel_size: 2`: records of odd and even lengths, padded to a multiple of
+    2 with a padding document; per-step losses and gradient norms equal one process's. Groups of 1/4 of each
+    record (not SFT's fixed default), so a padding that joined the last record would change its groups."""
+    import json
+
+    from test_training import accelerate_launch, longalpaca_records, run_cli, trainer_log_history, write_yaml
+
+    data = tmp_path / "longalpaca.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in longalpaca_records(12)))
+
+    def config(**extra):
+        return {
+            "model_name_or_path": str(tiny_checkpoint), "data_files": [str(data)], "context_length": 256,
+            "max_length": 256, "max_steps": 4, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 1,
+            "save_steps": 4, "logging_steps": 1, "learning_rate": 0.01, "use_cpu": True, "dtype": "float32",
+            "padding_free": True, "s2_group_size_ratio": 0.25, **extra,
+        }  # fmt: skip
+
+    launch = accelerate_launch(
+        TESTS.parent / "examples" / "accelerate" / "ddp_cpu_2proc.yaml",
+        [
+            "sft",
+            "--config",
+            str(
+                write_yaml(
+                    tmp_path / "sp.yaml", config(sequence_parallel_size=2, output_dir=str(tmp_path / "out"))
+                )
+            ),
+        ],
+    )
+    assert launch.returncode == 0, launch.stderr[-4000:]
+    single = run_cli(
+        ["sft", "--config", str(write_yaml(tmp_path / "one.yaml", config(output_dir=str(tmp_path / "one"))))]
+    )
+    assert single.returncode == 0, single.stderr[-4000:]
+    parallel = [h for h in trainer_log_history(tmp_path / "out") if "loss" in h]
+    one = [h for h in trainer_log_history(tmp_path / "one") if "loss" in h]
+    assert len(parallel) == len(one) == 4
+    assert [h["loss"] for h in parallel] == pytest.approx([h["loss"] for h in one], rel=1e-5, abs=0)
+    assert [h["grad_norm"] for h in parallel] == pytest.approx([h["grad_norm"] for h in one], rel=1e-4, abs=0)

@@ -750,6 +750,15 @@ MUTATIONS: list[Mutation] = [
         slow=True,
     ),
     _m(
+        "ulysses-sft-padding-continues-the-last-record",
+        "hf_longlora/training/sequence_parallel.py",
+        "[positions, torch.arange(pad, dtype=positions.dtype).expand(rows, pad)], dim=1",
+        "[positions, positions[:, -1:] + 1 + torch.arange(pad).expand(rows, pad)], dim=1",
+        "the SFT collator's padding to a multiple of sp continues the last record (its S2 groups change)",
+        "tests/test_ulysses.py::test_sft_cli_with_sequence_parallel_size_2_equals_one_process",
+        slow=True,
+    ),
+    _m(
         "ulysses-padding-continues-the-last-document",
         "hf_longlora/training/sequence_parallel.py",
         "[position_ids, torch.arange(pad, dtype=position_ids.dtype).expand(rows, pad)], dim=1",

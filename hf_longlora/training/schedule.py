@@ -67,8 +67,12 @@ def sft_trainer_class():
     if _SFT_TRAINER is None:
         from trl import SFTTrainer
 
+        from .sequence_parallel import SequenceParallelMixin
+
         _SFT_TRAINER = type(
-            "LongLoraSFTTrainer", (FirstStepLearnsMixin, ResumeFromCompleteCheckpointMixin, SFTTrainer), {}
+            "LongLoraSFTTrainer",
+            (SequenceParallelMixin, FirstStepLearnsMixin, ResumeFromCompleteCheckpointMixin, SFTTrainer),
+            {},
         )
     return _SFT_TRAINER
 

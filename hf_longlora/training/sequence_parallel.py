@@ -30,9 +30,14 @@ def shift_labels_of(labels: torch.Tensor, position_ids: torch.Tensor) -> torch.T
     return shifted.masked_fill(restarts, IGNORE_INDEX)
 
 
-def shard_batch(batch: dict, rank: int, world_size: int, pad_token_id: int = 0) -> dict:
+def shard_batch(
+    batch: dict, rank: int, world_size: int, pad_token_id: int = 0, stop_at_documents: bool = True
+) -> dict:
     """This rank's slice of a ``(B, L)`` batch with ``input_ids``, ``position_ids`` and ``labels`` (or
     ``shift_labels``); the result has ``input_ids``, ``position_ids`` and ``shift_labels``, each ``(B, L' / sp)``.
+
+    ``stop_at_documents``: no label across a document border (where ``position_ids`` restart); ``False``: the
+    plain shift of transformers' loss, as without parallelism.
 
     ``L`` is padded up to ``L'``, a multiple of ``world_size``: the padding is a document of its own (its
     positions restart at 0) whose labels are ignored, so the real tokens' attention and loss do not change."""
@@ -44,8 +49,10 @@ def shard_batch(batch: dict, rank: int, world_size: int, pad_token_id: int = 0) 
     input_ids, position_ids = batch["input_ids"], batch["position_ids"].expand_as(batch["input_ids"])
     if "shift_labels" in batch:
         shift = batch["shift_labels"]
-    else:
+    elif stop_at_documents:
         shift = shift_labels_of(batch.get("labels", input_ids), position_ids)
+    else:  # transformers' plain shift (ForCausalLMLoss): the collator's labels decide the borders
+        shift = F.pad(batch.get("labels", input_ids)[:, 1:], (0, 1), value=IGNORE_INDEX)
     length = input_ids.shape[1]
     pad = -length % world_size
     if pad:
@@ -113,9 +120,51 @@ def check_sequence_parallel_launch(sequence_parallel_size: int, config=None) -> 
         raise ImportError("sequence_parallel_size > 1 needs DeepSpeed: pip install 'hf-longlora[deepspeed]'")
 
 
+class SequenceShardingLoader:
+    """Ulysses' data path, as DeepSpeed's ``UlyssesSPDataLoaderAdapter`` does it: the ranks of a sequence each draw
+    a batch, then process them one after the other together, each rank holding its slice (:func:`shard_batch`,
+    transformers' plain label shift), so ``len`` is the wrapped loader's times ``sp``.
+
+    Ours because DeepSpeed's adapter all-gathers the batches as tensors of each rank's length, which gloo refuses
+    when the lengths differ (SFT records: "ProcessGroupGloo::allgather: invalid tensor size"); the batches travel
+    as objects here. The ranks stop together when any of them runs out."""
+
+    def __init__(self, loader, pad_token_id: int = 0) -> None:
+        from deepspeed.runtime.sequence_parallel import parallel_state_sp as mpu
+
+        self.loader = loader
+        self.pad_token_id = pad_token_id
+        self.group = mpu.get_sequence_parallel_group()
+        self.rank = mpu.get_sequence_parallel_rank()
+        self.world = mpu.get_sequence_parallel_world_size()
+        self.pending: list[dict] = []
+
+    def __len__(self) -> int:
+        return len(self.loader) * self.world
+
+    def __getattr__(self, name):  # sampler, dataset, set_epoch, ...: the wrapped loader's
+        return getattr(self.loader, name)
+
+    def __iter__(self):
+        self.pending = []
+        iterator = iter(self.loader)
+        while True:
+            if not self.pending:
+                mine = next(iterator, None)
+                if mine is not None:
+                    mine = {k: v.cpu() if torch.is_tensor(v) else v for k, v in mine.items()}
+                batches = [None] * self.world
+                torch.distributed.all_gather_object(batches, mine, group=self.group)
+                if any(b is None for b in batches):
+                    return
+                self.pending = batches
+            batch = self.pending.pop(0)
+            yield shard_batch(batch, self.rank, self.world, self.pad_token_id, stop_at_documents=False)
+
+
 class SequenceParallelMixin:
-    """Trainer mixin: with ``sequence_parallel_size > 1``, the training batches go through DeepSpeed's
-    ``UlyssesSPDataLoaderAdapter`` (each rank gets its slice of one sequence, with ``shift_labels``) and the loss is
+    """Trainer mixin: with ``sequence_parallel_size > 1``, the training batches go through
+    :class:`SequenceShardingLoader` (each rank gets its slice of one sequence, with ``shift_labels``) and the loss is
     the sequence's token-weighted mean (:func:`sequence_parallel_loss`'s rule, in chunks: no full logits).
 
     The returned loss is that rank's share times ``sequence_parallel_size``: DDP averages the gradients over the
@@ -127,16 +176,7 @@ class SequenceParallelMixin:
         loader = super().get_train_dataloader()
         if self.sequence_parallel_size == 1:
             return loader
-        from deepspeed.runtime.sequence_parallel import parallel_state_sp as mpu
-        from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPDataLoaderAdapter
-
-        return UlyssesSPDataLoaderAdapter(
-            loader,
-            sp_rank=mpu.get_sequence_parallel_rank(),
-            sp_group=mpu.get_sequence_parallel_group(),
-            sp_world_size=mpu.get_sequence_parallel_world_size(),
-            device=self.args.device,
-        )
+        return SequenceShardingLoader(loader, getattr(self.processing_class, "pad_token_id", None) or 0)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.sequence_parallel_size == 1 or return_outputs or "shift_labels" not in inputs:
@@ -150,3 +190,39 @@ class SequenceParallelMixin:
         inputs = {k: v for k, v in inputs.items() if k != "labels"}
         loss = causal_lm_loss(model, inputs, num_items_in_batch=tokens.clamp(min=1))  # this rank's share
         return loss * self.sequence_parallel_size
+
+
+class SequenceParallelCollator:
+    """Wraps a padding-free collator (one row of packed sequences with ``position_ids``) for Ulysses: the label of
+    each document's first token is ignored (so the data adapter's plain shift never predicts across a border), the
+    row is padded to a multiple of ``sequence_parallel_size`` with a padding document of its own, and the
+    attention mask is dropped (Ulysses drops it too; the documents are in ``position_ids``)."""
+
+    def __init__(self, collator, sequence_parallel_size: int, pad_token_id: int = 0) -> None:
+        self.collator = collator
+        self.sequence_parallel_size = sequence_parallel_size
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, features):
+        batch = dict(self.collator(features))
+        batch.pop("attention_mask", None)
+        ids = batch["input_ids"]  # (B, L)
+        if "position_ids" not in batch:
+            raise ValueError(
+                "sequence parallelism needs padding-free batches with position_ids (padding_free: true)"
+            )
+        positions = batch["position_ids"].expand_as(ids)
+        labels = batch.get("labels", ids.clone())
+        starts = torch.ones_like(positions, dtype=torch.bool)
+        starts[:, 1:] = positions[:, 1:] != positions[:, :-1] + 1
+        labels = labels.masked_fill(starts, IGNORE_INDEX)
+        pad = -ids.shape[1] % self.sequence_parallel_size
+        if pad:
+            rows = ids.shape[0]
+            ids = torch.cat([ids, ids.new_full((rows, pad), self.pad_token_id)], dim=1)
+            positions = torch.cat(
+                [positions, torch.arange(pad, dtype=positions.dtype).expand(rows, pad)], dim=1
+            )
+            labels = torch.cat([labels, labels.new_full((rows, pad), IGNORE_INDEX)], dim=1)
+        batch.update(input_ids=ids, position_ids=positions, labels=labels)
+        return batch

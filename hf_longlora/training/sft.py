@@ -160,6 +160,24 @@ def run_sft(
             f"max_length={training_args.max_length} exceeds the model's context of {target} tokens: set "
             f"context_length: {training_args.max_length} to extend it with position interpolation, or lower max_length"
         )
+    sequence_parallel = longlora_args.sequence_parallel_size
+    if sequence_parallel > 1:
+        from transformers import AutoConfig
+
+        from .sequence_parallel import check_sequence_parallel_launch
+
+        config = AutoConfig.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
+        check_sequence_parallel_launch(sequence_parallel, config)
+        if (
+            recipe_explicit is not None
+            and "padding_free" in recipe_explicit
+            and not training_args.padding_free
+        ):
+            raise ValueError(
+                "sequence_parallel_size > 1 needs padding_free: true (one row of packed sequences whose "
+                "position_ids mark them); remove padding_free: false"
+            )
+        training_args.padding_free = True
     if recipe_explicit is not None:
         scale_recipe("sft", recipe_explicit, model_args, longlora_args, training_args, target)
     tokenizer = load_tokenizer(model_args.model_name_or_path, revision=model_args.model_revision)
@@ -172,15 +190,29 @@ def run_sft(
         f"{counts['overlong_dropped']} dropped, {counts['overlong_truncated']} truncated "
         f"(overlong_policy={data_args.overlong_policy})"
     )
+    if training_args.padding_free and not training_args.packing:
+        # the records are within max_length now (overlong_policy); TRL refuses a max_length it would not enforce
+        training_args.max_length = None
     callbacks = build_callbacks(longlora_args, tokenizer, [])
 
     model = load_for_training(model_args, longlora_args, training_args, target)
     model.peft_config["default"].training_data = [
         ",".join(data_args.data_files) if data_args.data_files else str(script_args.dataset_name)
     ]
+    if sequence_parallel > 1:
+        from ..attention.ulysses import register_s2_ulysses
+
+        register_s2_ulysses(model, sequence_parallel, training_args.per_device_train_batch_size)
     trainer = sft_trainer_class()(
         model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer
     )
+    if sequence_parallel > 1:
+        from .sequence_parallel import SequenceParallelCollator
+
+        trainer.data_collator = SequenceParallelCollator(
+            trainer.data_collator, sequence_parallel, tokenizer.pad_token_id
+        )
+        trainer.sequence_parallel_size = sequence_parallel
     add_longlora_callbacks(trainer, callbacks)
     remove_stale_checkpoints(stale, training_args)
     trainer.train(resume_from_checkpoint=resume_arg(training_args))
