@@ -22,6 +22,7 @@ GPU_RECIPES = {
     "llama2_7b_100k_pretrain.yaml": ("train", 100_000, 25.0, None, False),
     "llama2_7b_longalpaca_sft.yaml": ("sft", 32_768, 8.0, 8192, False),
     "llama2_7b_qlora_sft_1gpu.yaml": ("sft", 16_384, 4.0, 4096, True),
+    "llama2_7b_512k_ulysses_pretrain.yaml": ("train", 524_288, 128.0, None, False),
 }
 
 
@@ -41,7 +42,7 @@ def test_every_example_config_parses():
 
 
 @pytest.mark.parametrize("name", sorted(GPU_RECIPES))
-def test_gpu_recipes_parse_and_scale(tmp_path, name):
+def test_gpu_recipes_parse_and_scale(tmp_path, name, monkeypatch):
     """The GPU recipes go through TRL's parser and the pre-load checks against a Llama-2-7B-shaped config (no
     weights: the model load is what is skipped)."""
     from transformers import LlamaConfig
@@ -70,6 +71,15 @@ def test_gpu_recipes_parse_and_scale(tmp_path, name):
     scale_recipe(command, explicit, model_args, longlora_args, training_args, target)
     assert longlora_args.s2_group_size == group and longlora_args.s2_group_size_ratio == 0.25
     assert (training_args.learning_rate, training_args.warmup_steps) == (2e-5, 20)
+    if "ulysses" in name:  # 8 processes with 4 of the 32 heads each
+        from hf_longlora.training.sequence_parallel import check_sequence_parallel_launch
+
+        assert longlora_args.sequence_parallel_size == 8
+        monkeypatch.setenv("WORLD_SIZE", "8")
+        check_sequence_parallel_launch(8, LlamaConfig.from_pretrained(base))
+        monkeypatch.setenv("WORLD_SIZE", "4")
+        with pytest.raises(ValueError, match="needs a multiple of 8 processes, got 4"):
+            check_sequence_parallel_launch(8, LlamaConfig.from_pretrained(base))
 
 
 def trainer_log_history(checkpoint: Path) -> list[dict]:
@@ -138,4 +148,5 @@ def test_accelerate_configs_load():
         "deepspeed_zero2.yaml": 2,
         "deepspeed_zero2_cpu_2proc.yaml": 2,
         "deepspeed_zero3_offload.yaml": 3,
+        "deepspeed_zero3_ulysses.yaml": 3,
     }

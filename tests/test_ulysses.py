@@ -184,9 +184,12 @@ def test_training_steps_across_processes_equal_one_process(tmp_path, world, head
 
 
 @pytest.mark.slow
-def test_train_cli_with_sequence_parallel_size_2_equals_one_process(tmp_path, tiny_checkpoint, corpus):
+@pytest.mark.parametrize("accelerate_config", ["ddp_cpu_2proc.yaml", "deepspeed_zero2_cpu_2proc.yaml"])
+def test_train_cli_with_sequence_parallel_size_2_equals_one_process(
+    tmp_path, tiny_checkpoint, corpus, accelerate_config
+):
     """`hf-longlora train` with `sequence_parallel_size: 2` under accelerate (2 gloo processes, each holding 128 of
-    the 256 tokens): the per-step losses and gradient norms are those of one process on whole blocks. The same
+    the 256 tokens; DDP, and DeepSpeed ZeRO-2 whose engine reduces the gradients): the per-step losses and gradient norms are those of one process on whole blocks. The same
     blocks in the same order: accelerate gives rank r the blocks at places 2k + r of the seeded order, and
     Ulysses' data adapter runs rank 0's block, then rank 1's, each across both ranks."""
     from test_training import accelerate_launch, run_cli, train_config, trainer_log_history, write_yaml
@@ -194,7 +197,7 @@ def test_train_cli_with_sequence_parallel_size_2_equals_one_process(tmp_path, ti
     settings = dict(max_steps=4, save_steps=4, logging_steps=1, learning_rate=0.01)
     config = train_config(tmp_path, tiny_checkpoint, corpus, sequence_parallel_size=2, **settings)
     launch = accelerate_launch(
-        TESTS.parent / "examples" / "accelerate" / "ddp_cpu_2proc.yaml",
+        TESTS.parent / "examples" / "accelerate" / accelerate_config,
         ["train", "--config", str(write_yaml(tmp_path / "sp.yaml", config))],
     )
     assert launch.returncode == 0, launch.stderr[-4000:]
