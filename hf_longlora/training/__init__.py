@@ -5,6 +5,8 @@
 - ``checks.py``: what is checked before any weights load; ``model.py``: load and wrap the model to train;
 - ``pretraining.py``: :func:`run_pretraining`; ``sft.py``: :func:`run_sft`;
 - ``callbacks.py``: Trainer/TRL callbacks; ``loss.py``: the chunked / fused LM-head loss;
+- ``sequence_parallel.py``: one sequence across processes (DeepSpeed's Ulysses): sharding, the loss, the trainer
+  mixin;
 - ``trl_hook.py``: opt-in registration of ``s2_attention`` inside ``trl sft``'s child process.
 
 It parses no command lines (``hf_longlora.cli`` does) and is imported by nothing below the CLI except
@@ -35,6 +37,13 @@ from .recipe import (
     recipe_defaults_for,
     scale_recipe,
 )
+from .sequence_parallel import (
+    SequenceParallelCollator,
+    SequenceParallelMixin,
+    SequenceShardingLoader,
+    sequence_parallel_loss,
+    shard_batch,
+)
 from .sft import (
     LLAMA2_PROMPT,
     LLAMA2_PROMPT_WITH_INPUT,
@@ -57,6 +66,9 @@ __all__ = [
     "NonFiniteLossError",
     "S2StateCallback",
     "SFTDataArguments",
+    "SequenceParallelCollator",
+    "SequenceParallelMixin",
+    "SequenceShardingLoader",
     "StopOnNonFiniteLossCallback",
     "StopOnSignalCallback",
     "ThroughputMemoryCallback",
@@ -79,4 +91,6 @@ __all__ = [
     "run_pretraining",
     "run_sft",
     "scale_recipe",
+    "sequence_parallel_loss",
+    "shard_batch",
 ]
