@@ -83,6 +83,18 @@ def test_attention_benchmark_quick():
 
 
 @pytest.mark.slow
+def test_sequence_parallel_benchmark_quick():
+    """benchmarks/sequence_parallel.py on a tiny model: a cell per length and size (1 and 3 gloo processes), the
+    ratio table and the fit."""
+    out = run([str(ROOT / "benchmarks" / "sequence_parallel.py"), "--quick"], cwd=ROOT)
+    cells = re.findall(r"L=\s*(\d+) sp=(\d): per-rank peak\s+(\d+\.\d+) GiB", out)
+    assert [(int(n), int(sp)) for n, sp, _ in cells] == [(48, 1), (48, 3), (96, 1), (96, 3)], out
+    assert all(0.1 < float(gib) < 8 for *_, gib in cells)
+    assert re.search(r"^\s+96\s+\d+\.\d+\s+\d+\.\d+\s+\d+\.\d+x$", out, re.M), out
+    assert re.search(r"^sp=3: a = \d+\.\d+ GiB, b = -?\d+\.\d+ KiB/token", out, re.M), out
+
+
+@pytest.mark.slow
 def test_attention_memory_benchmark_quick():
     out = run([str(ROOT / "benchmarks" / "attention.py"), "--memory", "--quick"], cwd=ROOT)
     rows = [line for line in out.splitlines() if re.match(r"\s*fp32\s+\d+\s", line)]
