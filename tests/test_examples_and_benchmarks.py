@@ -95,6 +95,24 @@ def test_sequence_parallel_benchmark_quick():
 
 
 @pytest.mark.slow
+def test_attention_features_benchmark_quick():
+    """benchmarks/attention_features.py: the S2 op before and after sinks/softcap (a git worktree of the old
+    commit), and with them against the models' own eager attention; one row per length."""
+    has_before = subprocess.run(
+        ["git", "-C", str(ROOT), "cat-file", "-e", "efd0087^{commit}"], capture_output=True
+    )
+    if has_before.returncode:
+        pytest.skip("a clone without the commit before sinks/softcap (efd0087): nothing to compare with")
+    out = run([str(ROOT / "benchmarks" / "attention_features.py"), "--quick"], cwd=ROOT)
+    rows = re.findall(r"^\s+(\d+) \|\s+\d+\.\d+s\s+\d+\.\d+s\s+[+-]\d+\.\d%", out, re.M)
+    assert rows == ["256", "512"], out
+    listed = subprocess.run(
+        ["git", "-C", str(ROOT), "worktree", "list"], capture_output=True, text=True
+    ).stdout
+    assert len(listed.strip().splitlines()) == 1, listed  # the temporary worktree is gone
+
+
+@pytest.mark.slow
 def test_attention_memory_benchmark_quick():
     out = run([str(ROOT / "benchmarks" / "attention.py"), "--memory", "--quick"], cwd=ROOT)
     rows = [line for line in out.splitlines() if re.match(r"\s*fp32\s+\d+\s", line)]
