@@ -18,7 +18,7 @@ def document_mask(length: int, group: int, *, shifted: bool, shift: str = "parti
     if group >= length:
         return j <= i
     half = group // 2
-    if not shifted:
+    if not shifted or shift == "none":
         return (j <= i) & (i // group == j // group)
     if shift == "partition":
         # groups [0, h), [h, h + G), [h + G, h + 2G), ...

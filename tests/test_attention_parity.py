@@ -49,9 +49,13 @@ def real_positions(docs, batch_row):
 def s2_cases(draw):
     heads, kv_heads = draw(st.sampled_from(HEAD_LAYOUTS))
     head_dim = draw(st.sampled_from([4, 8, 16]))
-    shift = draw(st.sampled_from(["partition", "partition", "roll"]))
+    shift = draw(st.sampled_from(["partition", "partition", "roll", "none"]))
     batch = draw(st.integers(1, 3))
-    if shift == "roll":
+    if shift == "none":
+        group = draw(st.integers(2, 17))
+        lengths = [draw(st.integers(1, 60)) for _ in range(batch)]
+        knobs = {"s2_group_size": group, "s2_shift": "none"}
+    elif shift == "roll":
         group = draw(st.integers(2, 9))
         lengths = [group * draw(st.integers(1, 5)) for _ in range(batch)]
         knobs = {"s2_group_size": group, "s2_shift": "roll"}
@@ -134,6 +138,16 @@ def test_partition_is_causal(length, group):
         changed = run_s2(module, q2, k2, v2)
         torch.testing.assert_close(changed[:, :j], base[:, :j], atol=0, rtol=0)
         assert not torch.allclose(changed[:, j], base[:, j])
+
+
+def test_no_shift_keeps_every_head_inside_its_group():
+    """s2_shift='none' (the paper's short-attention ablation): no head sees across a group border."""
+    module = attention_module(4, 2, 8, s2_group_size=4, s2_shift="none")
+    q, k, v = random_qkv(1, 4, 2, 12, 8)
+    v2 = v.clone()
+    v2[:, :, 3] += 1.0  # the last token of group 0
+    delta = (run_s2(module, q, k, v2) - run_s2(module, q, k, v)).abs().amax(dim=(0, 2, 3))  # (L,)
+    assert delta[3] > 0 and delta[4:].max() == 0  # with a shift, half the heads of tokens 4-5 would see it
 
 
 def test_roll_sees_the_future_as_in_the_paper():
@@ -316,7 +330,7 @@ def test_gqa_does_not_repeat_kv(sdpa_calls):
 @st.composite
 def packed_cases(draw):
     heads, kv_heads = draw(st.sampled_from(HEAD_LAYOUTS))
-    shift = draw(st.sampled_from(["partition", "roll"]))
+    shift = draw(st.sampled_from(["partition", "roll", "none"]))
     if shift == "roll":
         group = draw(st.integers(2, 8))
         lengths = [group * draw(st.integers(1, 4)) for _ in range(draw(st.integers(1, 5)))]
@@ -326,6 +340,8 @@ def packed_cases(draw):
         knobs = draw(
             st.sampled_from([{"s2_group_size": 5}, {"s2_group_size_ratio": 0.25}, {"s2_group_size": 16}])
         )
+        if shift == "none":
+            knobs = {**knobs, "s2_shift": "none"}
     return heads, kv_heads, knobs, lengths
 
 
@@ -455,7 +471,7 @@ def window_band(length: int, window: int) -> torch.Tensor:
 def masked_cases(draw):
     heads, kv_heads = draw(st.sampled_from(HEAD_LAYOUTS))
     kind = draw(st.sampled_from(MASK_KINDS))
-    shift = draw(st.sampled_from(["partition", "partition", "roll"]))
+    shift = draw(st.sampled_from(["partition", "partition", "roll", "none"]))
     batch = draw(st.integers(1, 3))
     if shift == "roll":
         group = draw(st.integers(2, 8))
@@ -468,6 +484,8 @@ def masked_cases(draw):
             st.sampled_from([{"s2_group_size": 4}, {"s2_group_size": 7}, {"s2_group_size_ratio": 0.25}])
         )
         group = knobs.get("s2_group_size", 8)
+        if shift == "none":
+            knobs = {**knobs, "s2_shift": "none"}
 
         def doc_length():
             return draw(st.integers(1, 30))

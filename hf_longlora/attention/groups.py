@@ -15,6 +15,8 @@ else. S2-Attn turns each document into segments twice, once per head half:
     shifted, partition [0 1|2 3 4 5|6 7 8 9]          groups [0, h), [h, h+G), ... nothing wraps around
     shifted, roll       paper's Algorithm 1: roll by -h, group, roll back; needs L % G == 0 and the
                         first h tokens share a group with the last h (they see the future)
+    shifted, none      [0 1 2 3|4 5 6 7|8 9]          no shift: every head as the unshifted ones (the paper's
+                                                      "short attention" ablation; no information crosses groups)
 
 ``cu_seqlens`` follows flash-attn's convention: ``[0, end_0, end_1, ..., T]``, segment ``i`` spans packed
 tokens ``[cu_seqlens[i], cu_seqlens[i + 1])``.
@@ -25,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-SHIFT_MODES = ("partition", "roll")
+SHIFT_MODES = ("partition", "roll", "none")
 
 
 def group_size_for(length: int, group_size: int | None, group_size_ratio: float) -> int:
@@ -140,7 +142,8 @@ def plan_s2(
             real tokens; a packed row contributes one entry per document).
         group_size: fixed group size G (wins over the ratio), or ``None``.
         group_size_ratio: ``G = int(L * ratio)`` per document when ``group_size`` is ``None``.
-        shift: "partition" (causal, default) or "roll" (the paper's Algorithm 1, wrap-around included).
+        shift: "partition" (causal, default), "roll" (the paper's Algorithm 1, wrap-around included) or "none"
+            (no shift: the shifted half gets the unshifted groups, the paper's short-attention ablation).
 
     Raises:
         ValueError: "roll" with a document whose length is not a multiple of its group size.
@@ -157,6 +160,8 @@ def plan_s2(
         unshifted += unshifted_segment_lengths(length, group)
         if shift == "partition":
             shifted += shifted_segment_lengths(length, group)
+        elif shift == "none":
+            shifted += unshifted_segment_lengths(length, group)
         else:
             if group < length and length % group:
                 raise ValueError(

@@ -1,7 +1,7 @@
 """The S2-Attn knobs, kept on the model config so they are saved in config.json.
 
 ``s2_group_size_ratio`` (float in (0, 1], default 0.25), ``s2_group_size`` (int >= 2 or None) and ``s2_shift``
-("partition" or "roll") are installed on transformers' ``PreTrainedConfig`` as validated properties. That is
+("partition", "roll" or "none") are installed on transformers' ``PreTrainedConfig`` as validated properties. That is
 what lets ``from_pretrained(path, attn_implementation="s2_attention", s2_group_size=8192)`` accept them
 (transformers only forwards kwargs the config already has) and makes a bad value fail at load time with a
 ``ValueError`` naming the knob, before any forward pass.
@@ -112,7 +112,8 @@ def configure_s2(
     Args:
         group_size_ratio: G = int(L * ratio) for a sequence (document) of L tokens, a float in (0, 1].
         group_size: a fixed G (int >= 2) that overrides the ratio; None goes back to the ratio.
-        shift: ``"partition"`` (causal, shifted groups) or ``"roll"`` (the paper's Algorithm 1).
+        shift: ``"partition"`` (causal, shifted groups), ``"roll"`` (the paper's Algorithm 1) or ``"none"``
+            (no shift, the paper's short-attention ablation).
 
     Example:
         >>> configure_s2(model, group_size=8192)  # LongLoRA's SFT recipe: a fixed group of 8192 tokens

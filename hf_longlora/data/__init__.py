@@ -7,12 +7,13 @@ hf_longlora.
 from .corpora import pydoc_topics_text, read_text_corpus, stdlib_documents
 from .longalpaca_sample import build_longalpaca_sample
 from .packing import pack_documents, tokenize_documents
-from .passkey import passkey_prompt
+from .passkey import passkey_documents, passkey_prompt
 from .tokenizer import train_bpe_tokenizer
 
 __all__ = [
     "build_longalpaca_sample",
     "pack_documents",
+    "passkey_documents",
     "passkey_prompt",
     "pydoc_topics_text",
     "read_text_corpus",

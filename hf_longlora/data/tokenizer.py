@@ -12,10 +12,12 @@ CHAT_TEMPLATE = (
 )
 
 
-def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int):
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, *, individual_digits: bool = False):
     """A byte-level BPE (``tokenizers``) trained on ``texts``, as a transformers fast tokenizer.
 
     It has ``<s>``, ``</s>`` and ``<pad>`` as BOS, EOS and padding tokens and a minimal chat template.
+    ``individual_digits=True`` splits numbers into one token per digit (as Llama's and Mistral's tokenizers do),
+    so a passkey of 5 digits is 5 tokens a small model can copy one by one.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -25,7 +27,13 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int):
             f"vocab_size must be >= {256 + len(SPECIAL_TOKENS)} (bytes + special tokens), got {vocab_size}"
         )
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if individual_digits:
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), byte_level]
+        )
+    else:
+        tokenizer.pre_tokenizer = byte_level
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

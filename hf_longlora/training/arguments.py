@@ -41,7 +41,10 @@ class LongLoraArguments:
         default=None, metadata={"help": "Fixed S2-Attn group size (SFT recipe: 8192)."}
     )
     s2_shift: str = field(
-        default="partition", metadata={"help": "'partition' (causal) or 'roll' (the paper's)."}
+        default="partition",
+        metadata={
+            "help": "'partition' (causal), 'roll' (the paper's) or 'none' (no shift: short attention)."
+        },
     )
     trainable_embeddings: bool = field(default=True, metadata={"help": "Train the input embeddings in full."})
     trainable_norms: bool = field(default=True, metadata={"help": "Train the norm layers in full."})
