@@ -2,6 +2,7 @@
 (adapters, training, evaluation, data), and nothing below imports it.
 
 hf-longlora eval --model PATH [--model LABEL=PATH ...] --data FILES|stdlib --lengths N [N ...] [--out DIR]
+    [--tasks niah_single vt ...|all --task-lengths N [N ...] --task-trials K]
 hf-longlora merge --base BASE --adapter DIR --out DIR [--overwrite] [--from-4bit] [--dtype bf16]
 hf-longlora push --adapter DIR --repo-id ORG/NAME [--private] [--merged] [--base-model ID]
 hf-longlora data longalpaca-sample --out FILE.jsonl [--records N] [--length L] [--tokenizer PATH] [--seed S]
@@ -143,6 +144,9 @@ def _eval(args: argparse.Namespace) -> int:
         passkey_lengths=args.passkey_lengths or (),
         passkey_depths=args.passkey_depths,
         passkey_trials=args.passkey_trials,
+        tasks=args.tasks or (),
+        task_lengths=args.task_lengths or (),
+        task_trials=args.task_trials,
         forgetting_length=args.forgetting_length,
         forgetting=not args.no_forgetting,
         seed=args.seed,
@@ -194,7 +198,8 @@ def _eval(args: argparse.Namespace) -> int:
 def _add_eval_parser(sub) -> None:
     ev = sub.add_parser(
         "eval",
-        help="perplexity per context length, passkey retrieval and forgetting, full attention (docs/evaluation.md)",
+        help="perplexity per context length, passkey retrieval, RULER tasks and forgetting, full attention "
+        "(docs/evaluation.md)",
     )
     ev.add_argument(
         "--model",
@@ -242,6 +247,24 @@ def _add_eval_parser(sub) -> None:
         "--passkey-depths", type=float, nargs="+", default=list(DEFAULT_DEPTHS), help="relative needle depths"
     )
     ev.add_argument("--passkey-trials", type=int, default=2, help="keys per (length, depth) cell")
+    from .data.ruler import TASK_NAMES  # pure Python: --help still imports no torch
+
+    ev.add_argument(
+        "--tasks",
+        nargs="+",
+        choices=(*TASK_NAMES, "all"),
+        default=None,
+        metavar="TASK",
+        help=f"RULER tasks, generated offline: {', '.join(TASK_NAMES)}, or all (docs/evaluation.md)",
+    )
+    ev.add_argument(
+        "--task-lengths",
+        type=int,
+        nargs="+",
+        default=None,
+        help="sequence lengths of the RULER tasks (prompt + answer; default: --lengths)",
+    )
+    ev.add_argument("--task-trials", type=int, default=2, help="prompts per (RULER task, length) cell")
     ev.add_argument(
         "--forgetting-data",
         nargs="+",

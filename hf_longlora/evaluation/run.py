@@ -1,4 +1,5 @@
-"""Evaluate one or more models side by side: perplexity per length, passkey, forgetting; JSON, table and plots."""
+"""Evaluate one or more models side by side: perplexity per length, passkey, forgetting, RULER tasks; JSON, table
+and plots."""
 
 from __future__ import annotations
 
@@ -15,9 +16,12 @@ import torch
 from transformers.utils import logging
 
 from ..data import tokenize_documents
+from ..data.ruler import TASK_NAMES, check_tasks, ruler_prompt
 from .models import load_for_evaluation, tokenizer_for
 from .passkey import DEFAULT_DEPTHS, mean_accuracy, passkey_accuracy
 from .perplexity import DEFAULT_STRIDE, PERPLEXITY_MODES, perplexity, token_stream, window_starts
+from .ruler import MIN_LENGTH as RULER_MIN_LENGTH
+from .ruler import mean_over_tasks, ruler_accuracy, trial_seed
 
 RESULTS_FILE = "eval.json"
 logger = logging.get_logger(__name__)
@@ -51,6 +55,9 @@ class EvalSettings:
     passkey_lengths: Sequence[int] = ()
     passkey_depths: Sequence[float] = DEFAULT_DEPTHS
     passkey_trials: int = 2
+    tasks: Sequence[str] = ()  # RULER tasks (hf_longlora.data.ruler.RULER_TASKS, or "all")
+    task_lengths: Sequence[int] = ()  # default: lengths
+    task_trials: int = 2  # prompts per (task, length)
     forgetting_length: int | None = None  # default: the first model's original context
     forgetting: bool = True  # False: no forgetting window (one pass less per model)
     seed: int = 0
@@ -78,6 +85,33 @@ class EvalSettings:
             raise ValueError(f"passkey_depths must be values in [0, 1], got {list(self.passkey_depths)}")
         if any(n < 16 for n in self.passkey_lengths):
             raise ValueError(f"passkey_lengths must be >= 16 tokens, got {list(self.passkey_lengths)}")
+        if self.tasks:
+            check_tasks(self.tasks, "tasks")
+        elif self.task_lengths:
+            raise ValueError(
+                f"task_lengths is set but tasks is empty: name the RULER tasks to run ({', '.join(TASK_NAMES)} "
+                "or all)"
+            )
+        if self.task_lengths and any(
+            isinstance(n, bool) or not isinstance(n, int) or n < RULER_MIN_LENGTH for n in self.task_lengths
+        ):
+            raise ValueError(
+                f"task_lengths must be integers >= {RULER_MIN_LENGTH} tokens, got {list(self.task_lengths)}"
+            )
+        if (
+            isinstance(self.task_trials, bool)
+            or not isinstance(self.task_trials, int)
+            or self.task_trials < 1
+        ):
+            raise ValueError(f"task_trials must be an integer >= 1, got {self.task_trials!r}")
+
+    def ruler_tasks(self) -> tuple[str, ...]:
+        """The RULER tasks to run (``"all"`` expanded), in order."""
+        return check_tasks(self.tasks, "tasks") if self.tasks else ()
+
+    def ruler_lengths(self) -> list[int]:
+        """The RULER prompt lengths: ``task_lengths``, else ``lengths``."""
+        return list(self.task_lengths or self.lengths)
 
 
 def _perplexity(model, stream, lengths, settings: EvalSettings, description: str) -> dict[int, float]:
@@ -111,8 +145,8 @@ def evaluate_models(
         settings: lengths, protocol and passkey settings.
         forgetting_documents: held-out text of the base model's domain, scored at the base's original context
             (default: ``documents``).
-        out_dir: if given, write ``eval.json``, ``eval_summary.json``, ``perplexity.png`` and one
-            ``passkey_<label>.png`` per model there.
+        out_dir: if given, write ``eval.json``, ``eval_summary.json``, ``perplexity.png`` and, per model,
+            ``passkey_<label>.png`` and ``ruler_<label>.png`` there.
 
     Returns the results dict written to ``eval.json``.
     """
@@ -131,6 +165,11 @@ def evaluate_models(
     n_tokens = len(token_stream(tokenize_documents(tokenizer, documents), tokenizer.eos_token_id))
     for n in settings.lengths:
         window_starts(n_tokens, n, stride=settings.stride, mode=settings.mode)
+    tasks = settings.ruler_tasks()
+    if tasks:  # and on a RULER length too short for a task's prompt with this tokenizer
+        shortest = min(settings.ruler_lengths())
+        for task in tasks:
+            ruler_prompt(task, tokenizer, shortest, trial_seed(task, shortest, 0, settings.seed))
 
     results: dict[str, Any] = {
         "protocol": {
@@ -139,6 +178,7 @@ def evaluate_models(
             "max_windows": settings.max_windows,
             "passkey_depths": list(settings.passkey_depths),
             "passkey_trials": settings.passkey_trials,
+            **({"ruler_trials": settings.task_trials, "ruler_metric": "string_match_all"} if tasks else {}),
             "seed": settings.seed,
             "attention": "full (sdpa, eval mode)",
             **settings.extra,
@@ -168,7 +208,11 @@ def evaluate_models(
         }
         beyond = [
             n
-            for n in [*settings.lengths, *settings.passkey_lengths]
+            for n in [
+                *settings.lengths,
+                *settings.passkey_lengths,
+                *(settings.ruler_lengths() if tasks else []),
+            ]
             if n > EXTRAPOLATION_WARNING * loaded.context
         ]
         if beyond:
@@ -206,6 +250,18 @@ def evaluate_models(
             )
             entry["passkey"] = cells
             entry["passkey_accuracy"] = {n: mean_accuracy(row) for n, row in cells.items()}
+        if tasks:
+            entry["ruler"] = ruler_accuracy(
+                loaded.model,
+                tokenizer,
+                tasks,
+                settings.ruler_lengths(),
+                trials=settings.task_trials,
+                seed=settings.seed,
+                progress=settings.progress,
+                description=f"{label}: ruler",
+            )
+            entry["ruler_mean"] = mean_over_tasks(entry["ruler"])
         results["models"][label] = entry
         del loaded
         gc.collect()
@@ -249,7 +305,8 @@ def plots_available() -> bool:
 
 
 def write_outputs(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
-    """``eval.json``, ``eval_summary.json``, and with matplotlib ``perplexity.png`` and ``passkey_<label>.png``."""
+    """``eval.json``, ``eval_summary.json``, and with matplotlib ``perplexity.png``, ``passkey_<label>.png`` and
+    ``ruler_<label>.png``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"results": out / RESULTS_FILE, "summary": out / SUMMARY_FILE}
@@ -257,7 +314,7 @@ def write_outputs(results: dict[str, Any], out_dir: str | Path) -> dict[str, Pat
     paths["summary"].write_text(json.dumps(_jsonable(summary_of(results)), indent=2) + "\n", encoding="utf-8")
     if not plots_available():
         return paths
-    from .plots import plot_passkey_heatmap, plot_perplexity
+    from .plots import plot_passkey_heatmap, plot_perplexity, plot_ruler_heatmap
 
     models = results["models"]
     natives = {entry["original_context"] for entry in models.values()}
@@ -271,6 +328,10 @@ def write_outputs(results: dict[str, Any], out_dir: str | Path) -> dict[str, Pat
             paths[f"passkey_{label}"] = plot_passkey_heatmap(
                 entry["passkey"], out / f"passkey_{_safe(label)}.png", title=f"Passkey retrieval: {label}"
             )
+        if entry.get("ruler"):
+            paths[f"ruler_{label}"] = plot_ruler_heatmap(
+                entry["ruler"], out / f"ruler_{_safe(label)}.png", title=f"RULER: {label}"
+            )
     return paths
 
 
@@ -279,7 +340,8 @@ def _safe(label: str) -> str:
 
 
 def format_table(results: dict[str, Any]) -> str:
-    """A plain-text table: perplexity per length, forgetting and passkey accuracy per model."""
+    """A plain-text table: perplexity per length, forgetting and passkey accuracy per model; then, when RULER tasks
+    ran, their accuracy per model, task and length (and the mean over the tasks)."""
     models = results["models"]
     lengths = sorted({n for entry in models.values() for n in entry["perplexity"]})
     passkey_lengths = sorted({n for entry in models.values() for n in entry.get("passkey_accuracy", {})})
@@ -310,7 +372,23 @@ def format_table(results: dict[str, Any]) -> str:
                 for n in passkey_lengths
             ]
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    table = _aligned(rows)
+    ruler = {label: entry["ruler"] for label, entry in models.items() if entry.get("ruler")}
+    if ruler:
+        ruler_lengths = sorted({n for cells in ruler.values() for row in cells.values() for n in row})
+        rows = [["model", "RULER task"] + [f"@{n}" for n in ruler_lengths]]
+        for label, cells in ruler.items():
+            means = mean_over_tasks(cells)
+            for task, row in [*cells.items(), ("mean", means)]:
+                rows.append([label, task] + [f"{row[n]:.0%}" if n in row else "" for n in ruler_lengths])
+        trials = results.get("protocol", {}).get("ruler_trials")
+        note = f" ({trials} prompts per cell)" if trials else ""
+        table += f"\n\nRULER accuracy, string_match_all{note}\n" + _aligned(rows)
+    return table
+
+
+def _aligned(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
