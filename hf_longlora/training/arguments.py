@@ -54,6 +54,16 @@ class LongLoraArguments:
     passkey_lengths: list[int] | None = field(
         default=None, metadata={"help": "Prompt lengths for the passkey-retrieval callback."}
     )
+    ruler_tasks: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "RULER tasks for the evaluation callback: niah_single, niah_multikey, niah_multivalue, "
+            "niah_multiquery, vt, cwe, or all (docs/evaluation.md)."
+        },
+    )
+    ruler_lengths: list[int] | None = field(
+        default=None, metadata={"help": "Sequence lengths of the RULER tasks (default: long_eval_lengths)."}
+    )
     long_eval_steps: int = field(
         default=100, metadata={"help": "Run the long-context evaluation every N steps."}
     )
@@ -88,6 +98,14 @@ class LongLoraArguments:
         self.long_eval_lengths = as_list(self.long_eval_lengths)
         self.passkey_lengths = as_list(self.passkey_lengths)
         self.long_eval_corpus = as_list(self.long_eval_corpus)
+        self.ruler_tasks = as_list(self.ruler_tasks)
+        self.ruler_lengths = as_list(self.ruler_lengths)
+        if self.ruler_tasks:
+            from ..data.ruler import check_tasks
+
+            check_tasks(self.ruler_tasks, "ruler_tasks")
+        elif self.ruler_lengths:
+            raise ValueError("ruler_lengths is set but ruler_tasks is empty: name the RULER tasks to run")
         if self.rope_method not in ROPE_METHODS:
             raise ValueError(f"rope_method must be one of {ROPE_METHODS}, got {self.rope_method!r}")
         if self.context_length is not None and self.context_length < 2:

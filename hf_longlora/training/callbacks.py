@@ -11,7 +11,7 @@ Metrics are added to the trainer's log entries (``trainer.state.log_history`` an
   in evaluation; logs ``s2_attention_calls_train``, ``full_attention_calls_train`` once and warns if training ran
   without S2-Attn or evaluation with it.
 - :class:`LongContextEvalCallback`: every ``eval_steps`` optimizer steps, perplexity at several context lengths on
-  held-out long documents and passkey retrieval accuracy, with full attention (eval mode).
+  held-out long documents, passkey retrieval accuracy and RULER task accuracy, with full attention (eval mode).
 - :class:`StopOnNonFiniteLossCallback`: a NaN or inf loss (or gradient norm) stops training with a clear error, before
   a checkpoint of the broken state is saved.
 - :class:`StopOnSignalCallback`: SIGINT (Ctrl-C) or SIGTERM stops training at the end of the current step with a
@@ -153,7 +153,9 @@ class S2StateCallback(TrainerCallback):
 
 
 class LongContextEvalCallback(TrainerCallback):
-    """Perplexity at several lengths and passkey accuracy, logged every ``eval_steps`` optimizer steps.
+    """Perplexity at several lengths, passkey and RULER accuracy, logged every ``eval_steps`` optimizer steps.
+
+    Metrics: ``eval_ppl_{L}``, ``eval_passkey_{L}`` and ``eval_ruler_{task}_{L}`` (e.g. ``eval_ruler_vt_4096``).
 
     Args:
         eval_token_ids: held-out long documents, tokenized (one list of ids per document).
@@ -163,9 +165,12 @@ class LongContextEvalCallback(TrainerCallback):
         passkey_lengths: prompt lengths for passkey retrieval (empty: skip).
         passkey_trials: prompts per length, one per depth spread over [0, 1]
             (:func:`hf_longlora.evaluation.passkey_accuracy`).
+        ruler_tasks: RULER tasks (:data:`hf_longlora.data.ruler.RULER_TASKS`, or ``"all"``; empty: skip).
+        ruler_lengths: their sequence lengths (default: ``lengths``).
+        ruler_trials: prompts per (task, length) (:func:`hf_longlora.evaluation.ruler_accuracy`).
         eval_steps: run every this many optimizer steps (and at the end of training).
         max_windows: windows per length (evenly spaced over the concatenated documents).
-        seed: passkey seed.
+        seed: passkey and RULER seed (the prompts of ``hf-longlora eval --seed`` with the same seed).
     """
 
     def __init__(
@@ -176,6 +181,9 @@ class LongContextEvalCallback(TrainerCallback):
         tokenizer=None,
         passkey_lengths: Sequence[int] = (),
         passkey_trials: int = 4,
+        ruler_tasks: Sequence[str] = (),
+        ruler_lengths: Sequence[int] = (),
+        ruler_trials: int = 1,
         eval_steps: int = 100,
         max_windows: int = 4,
         seed: int = 0,
@@ -184,6 +192,21 @@ class LongContextEvalCallback(TrainerCallback):
             raise ValueError("LongContextEvalCallback: passkey_lengths needs a tokenizer")
         if eval_steps < 1:
             raise ValueError(f"eval_steps must be >= 1, got {eval_steps}")
+        from ..data.ruler import check_tasks
+        from ..evaluation.ruler import check_lengths
+
+        self.ruler_tasks = check_tasks(ruler_tasks, "ruler_tasks") if ruler_tasks else ()
+        if self.ruler_tasks:
+            if tokenizer is None:
+                raise ValueError("LongContextEvalCallback: ruler_tasks needs a tokenizer")
+            self.ruler_lengths = check_lengths(ruler_lengths or lengths, "ruler_lengths (default: lengths)")
+        elif ruler_lengths:
+            raise ValueError("LongContextEvalCallback: ruler_lengths is set but ruler_tasks is empty")
+        else:
+            self.ruler_lengths = []
+        if isinstance(ruler_trials, bool) or not isinstance(ruler_trials, int) or ruler_trials < 1:
+            raise ValueError(f"ruler_trials must be an integer >= 1, got {ruler_trials!r}")
+        self.ruler_trials = ruler_trials
         self.stream = [t for doc in eval_token_ids for t in doc]
         too_long = [n for n in lengths if n > len(self.stream)]
         if too_long:
@@ -203,6 +226,7 @@ class LongContextEvalCallback(TrainerCallback):
     def evaluate(self, model) -> dict[str, float]:
         from ..evaluation.passkey import mean_accuracy, passkey_accuracy
         from ..evaluation.perplexity import perplexity
+        from ..evaluation.ruler import ruler_accuracy
 
         was_training = model.training
         model.eval()  # full attention
@@ -236,6 +260,23 @@ class LongContextEvalCallback(TrainerCallback):
                     progress=False,
                 )
                 metrics.update({f"eval_passkey_{n}": mean_accuracy(row) for n, row in cells.items()})
+            if self.ruler_tasks:
+                ruler = ruler_accuracy(
+                    model,
+                    self.tokenizer,
+                    self.ruler_tasks,
+                    self.ruler_lengths,
+                    trials=self.ruler_trials,
+                    seed=self.seed,
+                    progress=False,
+                )
+                metrics.update(
+                    {
+                        f"eval_ruler_{task}_{n}": value
+                        for task, row in ruler.items()
+                        for n, value in row.items()
+                    }
+                )
         finally:
             autocast.close()
             model.train(was_training)
@@ -402,8 +443,8 @@ def _held_out_tokens(paths: list[str], tokenizer, needed: int) -> list[list[int]
 
 def build_callbacks(longlora_args, tokenizer, eval_token_ids) -> list:
     """The callbacks of a training run: non-finite-loss stop, throughput/memory, S2 state, the stop on SIGINT/SIGTERM,
-    and the long-context evaluation when ``long_eval_lengths`` or ``passkey_lengths`` are set (``longlora_args``:
-    LongLoraArguments)."""
+    and the long-context evaluation when ``long_eval_lengths``, ``passkey_lengths`` or ``ruler_tasks`` are set
+    (``longlora_args``: LongLoraArguments)."""
     callbacks = [
         StopOnNonFiniteLossCallback(),
         ThroughputMemoryCallback(),
@@ -412,7 +453,8 @@ def build_callbacks(longlora_args, tokenizer, eval_token_ids) -> list:
     ]
     lengths = longlora_args.long_eval_lengths or []
     passkeys = longlora_args.passkey_lengths or []
-    if lengths or passkeys:
+    ruler_tasks = longlora_args.ruler_tasks or []
+    if lengths or passkeys or ruler_tasks:
         if lengths and not eval_token_ids and longlora_args.long_eval_corpus:
             # the callback scores up to 4 windows per length
             eval_token_ids = _held_out_tokens(longlora_args.long_eval_corpus, tokenizer, 4 * max(lengths))
@@ -423,10 +465,12 @@ def build_callbacks(longlora_args, tokenizer, eval_token_ids) -> list:
             )
         callbacks.append(
             LongContextEvalCallback(
-                eval_token_ids,
+                eval_token_ids or [],
                 lengths,
                 tokenizer=tokenizer,
                 passkey_lengths=passkeys,
+                ruler_tasks=ruler_tasks,
+                ruler_lengths=longlora_args.ruler_lengths or [],
                 eval_steps=longlora_args.long_eval_steps,
             )
         )
