@@ -136,3 +136,24 @@ def sliding_window_mask(length: int, window: int) -> torch.Tensor:
         allow_is_causal_skip=False,
         device="cpu",
     )
+
+
+def chain_model(checkpoint, tokenizer, chain: list[int]):
+    """A real Llama whose greedy decoding we set by hand: attention and MLP outputs are zero (o_proj, down_proj),
+    so the last layer's hidden state is the current token's embedding, and the head maps ``chain[i]`` to
+    ``chain[i + 1]`` (the last token to itself). Tokens of the chain get one-hot embeddings; must be distinct."""
+    assert len(set(chain)) == len(chain), chain
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, attn_implementation="sdpa", dtype=torch.float32)
+    assert model.config.hidden_size >= len(chain) and not model.config.tie_word_embeddings
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.embed_tokens.weight.zero_()
+        model.lm_head.weight.zero_()
+        for i, token in enumerate(chain):
+            model.model.embed_tokens.weight[token, i] = 1.0
+            model.lm_head.weight[chain[min(i + 1, len(chain) - 1)], i] = 1.0
+    return model.eval()

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from helpers import make_tiny_checkpoint, tiny_config
+from helpers import chain_model, make_tiny_checkpoint, tiny_config
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from hf_longlora import LongLoraConfig, extend_context, get_longlora_model
@@ -131,25 +131,6 @@ def test_first_number():
     assert first_number(" 12345. Remember") == "12345"
     assert first_number("the key is 7 or 8") == "7"
     assert first_number("none") is None
-
-
-def chain_model(checkpoint, tokenizer, chain: list[int]) -> LlamaForCausalLM:
-    """A real Llama whose greedy decoding we set by hand: attention and MLP outputs are zero (o_proj, down_proj),
-    so the last layer's hidden state is the current token's embedding, and the head maps ``chain[i]`` to
-    ``chain[i + 1]`` (the last token to itself). Tokens of the chain get one-hot embeddings; must be distinct."""
-    assert len(set(chain)) == len(chain), chain
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, attn_implementation="sdpa", dtype=torch.float32)
-    assert model.config.hidden_size >= len(chain) and not model.config.tie_word_embeddings
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        model.model.embed_tokens.weight.zero_()
-        model.lm_head.weight.zero_()
-        for i, token in enumerate(chain):
-            model.model.embed_tokens.weight[token, i] = 1.0
-            model.lm_head.weight[chain[min(i + 1, len(chain) - 1)], i] = 1.0
-    return model.eval()
 
 
 def test_passkey_scores_hits_and_misses_of_known_generations(tiny_checkpoint):
