@@ -1,18 +1,20 @@
-"""`make demo`: the whole LongLoRA job on a tiny Llama, offline, on CPU, in a few minutes.
+"""`make demo`: the whole LongLoRA job on a small Llama, offline, on CPU, in a few minutes.
 
-1. Base model: a byte-level BPE tokenizer and a tiny Llama pretrained from scratch at a native context of
-   ``--native`` tokens (256) on long prose that ships with every Python (``pydoc_data/topics.py``, ~750k
-   characters; the last 5% is held out). Cached in ``<out>/base`` and reused by later runs with the same settings.
+1. Base model: a 3.9M-parameter Llama pretrained from scratch at a native context of 256 tokens on prose that ships
+   with every Python (``pydoc_data/topics.py``, the last 5% held out) and on passkey prompts, so it retrieves at 256
+   tokens; it does not at 1,024. It ships as a checkpoint (``examples/demo_base/``) made by
+   ``examples/demo_base.py``; ``--rebuild-base`` makes it again (fixed seeds; 47 minutes on our 2-core AVX-512 machine).
 2. LongLoRA: ``hf-longlora train`` (the CLI, in process) extends the context ``--factor`` times (4x) with position
    interpolation and trains LoRA on q/k/v/o plus the embeddings and norms with S2-Attn on blocks of the target
-   length.
-3. Evaluation (``hf_longlora.evaluation``, full attention): perplexity at 1x, 2x and 4x the native context for the
-   base, the base with position interpolation alone ("before"), the LongLoRA adapter ("after") and the merged
-   model; passkey retrieval at 4x; forgetting at 1x (the held-out text is the base's own domain).
-4. Saves the adapter (``<out>/adapter``, with a model card), the merged model (``<out>/merged``), the plots and
-   ``<out>/summary.json``, and prints a summary table.
+   length, on the training prose and passkey prompts of up to the target length.
+3. The same run with full attention instead of S2-Attn (``attn_implementation: sdpa``), for comparison.
+4. Evaluation (``hf_longlora.evaluation``, full attention): perplexity at 1x, 2x and 4x the native context on the
+   held-out prose, and passkey retrieval at 1x and 4x, for the base, the base with position interpolation alone
+   ("before"), the two LongLoRA adapters and the merged model; forgetting at 1x.
+5. Saves the adapter (``<out>/adapter``, with a model card), the merged model (``<out>/merged``), the plots and
+   ``<out>/summary.json``, and prints the table and whether each goal of the demo was met.
 
-    python examples/demo.py [--out outputs/demo] [--steps 60] [--base-steps 300] [--native 256] [--factor 4]
+    python examples/demo.py [--out outputs/demo] [--steps 150] [--factor 4] [--rebuild-base]
 """
 
 from __future__ import annotations
@@ -20,103 +22,75 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import torch
 import yaml
-from datasets import Dataset
-from transformers import (
-    LlamaConfig,
-    LlamaForCausalLM,
-    Trainer,
-    TrainingArguments,
-    default_data_collator,
-)
 
 from hf_longlora import build_model_card, merge_and_save
 from hf_longlora.cli import main as hf_longlora_cli
-from hf_longlora.data import pydoc_topics_text, train_bpe_tokenizer
-from hf_longlora.data.tokenizer import chunks
+from hf_longlora.data import passkey_documents
 from hf_longlora.evaluation import EvalSettings, ModelSpec, evaluate_models, format_table
 
-BASE_SETTINGS_FILE = "demo_base_settings.json"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from demo_base import CHECKPOINT, DEFAULTS, SETTINGS_FILE, build_base, pydoc_split  # noqa: E402
+
+DEMO_ROPE = (
+    "yarn"  # see "rope_method" in README's demo section: linear PI breaks the small base's digit copying
+)
+DEMO_LR = 5e-4
 
 
-def build_base(out: Path, train_text: str, args: argparse.Namespace) -> Path:
-    """Pretrain the tiny base at its native context (skipped when ``out`` holds one made with the same settings)."""
-    settings = {
-        "native": args.native,
-        "base_steps": args.base_steps,
-        "seed": args.seed,
-        "hidden": args.hidden,
-        "layers": args.layers,
-        "vocab": args.vocab,
-        "text_chars": len(train_text),
-    }
-    marker = out / BASE_SETTINGS_FILE
-    if marker.is_file() and json.loads(marker.read_text()) == settings:
-        print(f"1) base model: reusing {out} (pretrained earlier with the same settings)")
-        return out
-    if out.exists():
-        shutil.rmtree(out)
-    torch.manual_seed(args.seed)
-    tokenizer = train_bpe_tokenizer(chunks(train_text, 10_000), args.vocab)
-    ids = tokenizer(train_text, add_special_tokens=False)["input_ids"]
-    blocks = [ids[i : i + args.native] for i in range(0, len(ids) - args.native + 1, args.native)]
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=args.hidden,
-        intermediate_size=2 * args.hidden,
-        num_hidden_layers=args.layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=args.native,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(config)
-    print(
-        f"1) base model: pretraining a {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M-parameter Llama "
-        f"from scratch at its native context of {args.native} tokens ({args.base_steps} steps, "
-        f"{len(blocks)} blocks)"
-    )
-    Trainer(
-        model=model,
-        args=TrainingArguments(
-            output_dir=str(out / "trainer"),
-            max_steps=args.base_steps,
-            per_device_train_batch_size=8,
-            learning_rate=3e-3,
-            warmup_steps=args.base_steps // 10,
-            lr_scheduler_type="cosine",
-            logging_steps=max(1, args.base_steps // 5),
-            save_strategy="no",
-            report_to=[],
-            use_cpu=True,
-            seed=args.seed,
-            disable_tqdm=True,
-        ),
-        train_dataset=Dataset.from_dict({"input_ids": blocks, "labels": blocks}),
-        data_collator=default_data_collator,
-    ).train()
-    shutil.rmtree(out / "trainer", ignore_errors=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    marker.write_text(json.dumps(settings))
-    return out
+def base_model(out: Path, args: argparse.Namespace) -> Path:
+    """The committed checkpoint, or (``--rebuild-base``) one pretrained into ``out`` (reused when its settings match)."""
+    overrides = {k: v for k, v in {"steps": args.base_steps, "native": args.native}.items() if v is not None}
+    if not args.rebuild_base:
+        if overrides:
+            raise SystemExit("--base-steps and --native change the base: add --rebuild-base")
+        if args.base != str(CHECKPOINT):
+            print(f"1) base model: {args.base}")
+            return Path(args.base)
+        print(f"1) base model: {CHECKPOINT} (committed; examples/demo_base.py made it)")
+        return CHECKPOINT
+    settings = {**DEFAULTS, **overrides}
+    marker = out / SETTINGS_FILE
+    if marker.is_file():
+        saved = json.loads(marker.read_text())
+        if {k: saved.get(k) for k in settings} == settings:
+            print(f"1) base model: reusing {out} (pretrained earlier with the same settings)")
+            return out
+    print(f"1) base model: pretraining into {out}")
+    return build_base(out, settings)
 
 
-def split_data(args: argparse.Namespace, data_dir: Path) -> tuple[list[Path], list[str]]:
-    """Training files and held-out documents: pydoc's prose (last 5% held out) or the stdlib's longest files."""
+def split_data(
+    args: argparse.Namespace, data_dir: Path, tokenizer, target: int
+) -> tuple[list[Path], list[str]]:
+    """Training files and held-out documents.
+
+    pydoc: the base's training prose (in documents of 8,000 characters) mixed with passkey prompts of the native to
+    the target length (``--passkey-share`` of the documents' tokens, their keys from other seeds than the
+    evaluation's), shuffled; held out: the last 5% of the prose. stdlib: the standard library's longest files (the
+    last ``--heldout-files`` held out).
+    """
+    import random
+
     data_dir.mkdir(parents=True, exist_ok=True)
     if args.data == "pydoc":
-        text = pydoc_topics_text()
-        split = int(0.95 * len(text))
-        (data_dir / "train.txt").write_text(text[:split], encoding="utf-8")
-        return [data_dir / "train.txt"], [text[split:]]
+        train_text, heldout = pydoc_split()
+        prose = [train_text[i : i + 8000] for i in range(0, len(train_text), 8000)]
+        documents = list(prose)
+        if args.passkey_share > 0:
+            prose_tokens = len(tokenizer(train_text, add_special_tokens=False)["input_ids"])
+            low, high = args.passkey_lengths or (target // args.factor, target)
+            count = round(args.passkey_share / (1 - args.passkey_share) * prose_tokens / ((low + high) / 2))
+            documents += passkey_documents(tokenizer, count, low, high, haystacks=prose, seed=args.seed + 7)
+        random.Random(args.seed).shuffle(documents)
+        path = data_dir / "train.jsonl"
+        path.write_text("".join(json.dumps({"text": d}) + "\n" for d in documents), encoding="utf-8")
+        return [path], [heldout]
     from hf_longlora.data import stdlib_documents
 
     documents = stdlib_documents()
@@ -127,34 +101,73 @@ def split_data(args: argparse.Namespace, data_dir: Path) -> tuple[list[Path], li
 
 
 def write_train_config(
-    path: Path, base: str, corpus: list[Path], adapter: Path, target: int, args: argparse.Namespace
+    path: Path,
+    base: str,
+    corpus: list[Path],
+    adapter: Path,
+    target: int,
+    args: argparse.Namespace,
+    attention: str = "s2_attention",
 ) -> Path:
     """The ``hf-longlora train`` config: LongLoRA's recipe, scaled down to a small model on 2 CPU cores."""
     checkpointing = args.activation_checkpointing
     if checkpointing is None:  # short blocks on a tiny model: recomputation costs more than it saves
         checkpointing = target >= 4096
+    bf16 = torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX")
     config = {
         "model_name_or_path": base,
+        "attn_implementation": attention,
         "corpus": [str(p) for p in corpus],
         "context_length": target,
-        "rope_method": "linear",
+        "rope_method": args.rope_method,
         "s2_group_size_ratio": 0.25,
         "output_dir": str(adapter),
         "max_steps": args.steps,
-        # a few dozen steps, not 1000 x 64 sequences as in the paper: a larger step than 7B's 2e-5
-        "learning_rate": args.lr or (2e-4 if args.model else 2e-3),
-        "warmup_steps": args.steps // 10,  # no warmup for a handful of steps: the first step would have lr 0
+        # a few hundred steps of batch 1, not 1000 x 64 sequences as in the paper: a larger step than 7B's 2e-5
+        "learning_rate": args.lr or (2e-4 if args.model else DEMO_LR),
+        "warmup_steps": args.steps // 10,
         "gradient_accumulation_steps": 1,
         "activation_checkpointing": checkpointing,
         "logging_steps": max(1, args.steps // 6),
         "save_strategy": "no",
         "use_cpu": True,
         "seed": args.seed,
+        "data_seed": args.seed,
         "disable_tqdm": True,
-        "dtype": "float32",  # bf16 matmuls are slower than fp32 on CPUs without AVX-512 bf16
+        # bf16 mixed precision where the CPU has native bf16 (2.4x faster); fp32 elsewhere (bf16 is 60x slower)
+        "dtype": "float32",
+        "bf16": bf16,
     }
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+def goals(summary: dict) -> list[tuple[str, bool]]:
+    """The demo's claims, checked on its own numbers (issue #14)."""
+    native, target = str(summary["native_context"]), str(summary["target_context"])
+    ppl, passkey = summary["perplexity"], summary["passkey"]
+    checks = [
+        (
+            f"after LongLoRA: ppl@{target} < its own ppl@{native} (the longer context is used)",
+            ppl["after"][target] < ppl["after"][native],
+        ),
+        (
+            f"after LongLoRA: ppl@{target} <= 0.9x the unextended base's",
+            ppl["after"][target] <= 0.9 * ppl["base"][target],
+        ),
+        ("forgetting at the native context <= 5%", summary["forgetting"]["change"] <= 0.05),
+    ]
+    if "after_full_attention" in ppl:
+        s2, full = ppl["after"][target], ppl["after_full_attention"][target]
+        checks.append((f"S2-Attn's ppl@{target} within 3% of full attention's", abs(s2 / full - 1) <= 0.03))
+    if passkey:
+        checks = [
+            (f"base: passkey@{native} >= 90%", passkey["base"][native] >= 0.9),
+            (f"base: passkey@{target} <= 20%", passkey["base"][target] <= 0.2),
+            (f"after LongLoRA: passkey@{target} >= 90%", passkey["after"][target] >= 0.9),
+            *checks,
+        ]
+    return checks
 
 
 def main() -> None:
@@ -165,20 +178,50 @@ def main() -> None:
     parser.add_argument(
         "--model",
         default=None,
-        help="skip step 1 and extend this pretrained model instead: a path, or 'smollm2' (offline SmolLM2-135M)",
+        help="skip the demo's base and extend this pretrained model instead: a path, or 'smollm2' (offline "
+        "SmolLM2-135M)",
     )
+    parser.add_argument(
+        "--rebuild-base",
+        action="store_true",
+        help="pretrain the base again (examples/demo_base.py, into <out>/base) instead of the committed one",
+    )
+    parser.add_argument(
+        "--base",
+        default=str(CHECKPOINT),
+        help="a base made by examples/demo_base.py (default: the committed one)",
+    )
+    parser.add_argument("--base-steps", type=int, default=None, help="--rebuild-base: pretraining steps")
+    parser.add_argument("--native", type=int, default=None, help="--rebuild-base: the base's native context")
     parser.add_argument(
         "--data",
         choices=["pydoc", "stdlib"],
         default="pydoc",
-        help="pydoc: pydoc_data/topics.py prose (5%% held out); stdlib: the standard library's longest files "
-        "(the last --heldout-files held out)",
+        help="pydoc: pydoc_data/topics.py prose (5%% held out) and passkey prompts; stdlib: the standard "
+        "library's longest files (the last --heldout-files held out)",
+    )
+    parser.add_argument(
+        "--passkey-share",
+        type=float,
+        default=0.3,
+        help="--data pydoc: share of the training tokens that are passkey prompts (0: prose only)",
+    )
+    parser.add_argument(
+        "--passkey-lengths",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("MIN", "MAX"),
+        help="--data pydoc: token lengths of the training passkey prompts (default: native to target)",
     )
     parser.add_argument(
         "--heldout-files", type=int, default=8, help="--data stdlib: files held out for evaluation"
     )
     parser.add_argument(
-        "--lr", type=float, default=None, help="LongLoRA learning rate (default 2e-3, 2e-4 with --model)"
+        "--lr",
+        type=float,
+        default=None,
+        help=f"LongLoRA learning rate (default {DEMO_LR:g}, 2e-4 with --model)",
     )
     parser.add_argument(
         "--activation-checkpointing",
@@ -200,60 +243,79 @@ def main() -> None:
         "--no-passkey", action="store_true", help="skip passkey retrieval (slow at long context)"
     )
     parser.add_argument("--skip-merged-eval", action="store_true", help="do not evaluate the merged model")
-    parser.add_argument("--native", type=int, default=256, help="the base model's native context")
+    parser.add_argument(
+        "--no-full-attention-run",
+        action="store_true",
+        help="skip the comparison run that fine-tunes with full attention instead of S2-Attn",
+    )
     parser.add_argument("--factor", type=int, default=4, help="context extension factor")
-    parser.add_argument("--base-steps", type=int, default=300, help="pretraining steps at the native context")
-    parser.add_argument("--steps", type=int, default=60, help="LongLoRA steps at the extended context")
-    parser.add_argument("--hidden", type=int, default=128, help="base model hidden size")
-    parser.add_argument("--layers", type=int, default=2, help="base model layers")
-    parser.add_argument("--vocab", type=int, default=2048, help="BPE vocabulary size")
-    parser.add_argument("--max-windows", type=int, default=24, help="perplexity windows per length")
-    parser.add_argument("--passkey-trials", type=int, default=2, help="passkey keys per depth")
+    parser.add_argument(
+        "--rope-method",
+        default=DEMO_ROPE,
+        help=f"how RoPE is extended (default {DEMO_ROPE}): linear (position interpolation, the paper's), yarn, "
+        "dynamic, ...",
+    )
+    parser.add_argument("--steps", type=int, default=150, help="LongLoRA steps at the extended context")
+    parser.add_argument(
+        "--max-windows",
+        type=int,
+        default=None,
+        help="perplexity windows per length (default: all, one every 256 tokens, LongLoRA's protocol)",
+    )
+    parser.add_argument("--passkey-trials", type=int, default=4, help="passkey keys per depth")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if not 0 <= args.passkey_share < 1:
+        parser.error(f"--passkey-share must be in [0, 1), got {args.passkey_share}")
     start = time.perf_counter()
     out = Path(args.out)
-    corpus, heldout = split_data(args, out / "data")
+    from transformers import AutoConfig, AutoTokenizer
+
+    from hf_longlora.adapters.context import original_context_length
+    from hf_longlora.adapters.smollm2 import resolve_model_path
+
     if args.model is None:
-        train_text = "".join(p.read_text(encoding="utf-8") for p in corpus)
-        base = str(build_base(out / "base", train_text, args))
-        native = args.native
+        base = str(base_model(out / "base", args))
     else:
-        from transformers import AutoConfig
-
-        from hf_longlora.adapters.context import original_context_length
-        from hf_longlora.adapters.smollm2 import resolve_model_path
-
         base = resolve_model_path(args.model)
-        native = original_context_length(AutoConfig.from_pretrained(base))
-        print(f"1) base model: {args.model} ({base}), native context {native} tokens")
+        print(f"1) base model: {args.model} ({base})")
+    native = original_context_length(AutoConfig.from_pretrained(base))
+    print(f"   native context {native} tokens")
     target = args.target or native * args.factor
     lengths = sorted({native, min(2 * native, target), target})
+    corpus, heldout = split_data(args, out / "data", AutoTokenizer.from_pretrained(base), target)
 
-    seconds = {"base": round(time.perf_counter() - start, 1)}
-    adapter = out / "adapter"
-    if adapter.exists():
-        shutil.rmtree(adapter)
-    config = write_train_config(out / "train.yaml", base, corpus, adapter, target, args)
-    print(
-        f"2) LongLoRA: hf-longlora train --config {config}  ({args.steps} steps at {target} tokens, S2-Attn)"
-    )
-    if hf_longlora_cli(["train", "--config", str(config)]) != 0:
-        raise SystemExit("hf-longlora train failed")
-
-    seconds["longlora"] = round(time.perf_counter() - start - sum(seconds.values()), 1)
+    seconds = {"base and data": round(time.perf_counter() - start, 1)}
+    runs = {"after": ("s2_attention", out / "adapter")}
+    if not args.no_full_attention_run:
+        runs["after_full_attention"] = ("sdpa", out / "adapter_full_attention")
+    for step, (label, (attention, adapter)) in enumerate(runs.items(), 2):
+        if adapter.exists():
+            shutil.rmtree(adapter)
+        config = write_train_config(
+            out / f"train_{label}.yaml", base, corpus, adapter, target, args, attention=attention
+        )
+        how = "S2-Attn" if attention == "s2_attention" else "full attention, for comparison"
+        print(
+            f"{step}) LongLoRA: hf-longlora train --config {config}  ({args.steps} steps at {target} tokens, {how})"
+        )
+        if hf_longlora_cli(["train", "--config", str(config)]) != 0:
+            raise SystemExit("hf-longlora train failed")
+        seconds[label] = round(time.perf_counter() - start - sum(seconds.values()), 1)
+    adapter = runs["after"][1]
     merged = out / "merged"
     merge_and_save(base, str(adapter), str(merged), overwrite=True)
+    passkey_lengths = [] if args.no_passkey else sorted({native, target})
 
     print(
-        f"3) evaluation with full attention: perplexity at {lengths}, "
-        f"{'no passkey' if args.no_passkey else f'passkey at {target}'}, forgetting at {native}"
+        f"{len(runs) + 2}) evaluation with full attention: perplexity at {lengths}, "
+        f"{f'passkey at {passkey_lengths}' if passkey_lengths else 'no passkey'}, forgetting at {native}"
     )
     settings = EvalSettings(
         lengths=lengths,
         max_windows=args.max_windows,
         batch_size=4,
-        passkey_lengths=[] if args.no_passkey else [target],
+        passkey_lengths=passkey_lengths,
         passkey_trials=args.passkey_trials,
         passkey_depths=args.passkey_depths,
         forgetting_length=native,
@@ -267,8 +329,9 @@ def main() -> None:
     )
     specs = [
         ModelSpec(base, label="base"),
-        ModelSpec(base, label="before", context_length=target),  # position interpolation alone
-        ModelSpec(str(adapter), label="after"),
+        # the RoPE extension alone (position interpolation by default)
+        ModelSpec(base, label="before", context_length=target, rope_method=args.rope_method),
+        *(ModelSpec(str(path), label=label) for label, (_, path) in runs.items()),
     ]
     if not args.skip_merged_eval:
         specs.append(ModelSpec(str(merged), label="merged"))
@@ -278,35 +341,39 @@ def main() -> None:
     models = results["models"]
 
     summary = {
+        "native_context": native,
+        "target_context": target,
         "perplexity": {
-            stage: {str(n): round(v, 3) for n, v in models[stage]["perplexity"].items()}
-            for stage in ("before", "after")
+            label: {str(n): round(v, 3) for n, v in entry["perplexity"].items()}
+            for label, entry in models.items()
         },
         "passkey": None
         if args.no_passkey
-        else {stage: models[stage]["passkey_accuracy"][target] for stage in ("before", "after")},
-        "native_context": native,
-        "target_context": target,
+        else {
+            label: {str(n): v for n, v in entry["passkey_accuracy"].items()}
+            for label, entry in models.items()
+        },
         "forgetting": {
             "length": native,
             "base": round(models["base"]["forgetting"]["perplexity"], 3),
             "after": round(models["after"]["forgetting"]["perplexity"], 3),
             "change": round(models["after"]["forgetting"]["change_vs_base"], 4),
         },
-        "base_perplexity": {str(n): round(v, 3) for n, v in models["base"]["perplexity"].items()},
-        "merged_perplexity": (
-            {str(n): round(v, 3) for n, v in models["merged"]["perplexity"].items()}
-            if "merged" in models
-            else None
-        ),
         "protocol": results["protocol"],
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "seconds": {**seconds, "total": round(time.perf_counter() - start, 1)},
     }
+    checks = goals(summary)
+    summary["goals"] = {claim: met for claim, met in checks}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     # the adapter's model card shows the before/after table
-    (adapter / "eval_summary.json").write_text(
-        json.dumps({"perplexity": summary["perplexity"], "passkey": summary["passkey"]}, indent=2) + "\n"
-    )
+    card = {
+        "perplexity": {k: summary["perplexity"][k] for k in ("before", "after")},
+        "passkey": None
+        if args.no_passkey
+        else {k: summary["passkey"][k][str(target)] for k in ("before", "after")},
+    }
+    (adapter / "eval_summary.json").write_text(json.dumps(card, indent=2) + "\n")
     build_model_card(adapter).save(adapter / "README.md")
 
     print()
@@ -314,10 +381,12 @@ def main() -> None:
     before, after = summary["perplexity"]["before"][str(target)], summary["perplexity"]["after"][str(target)]
     print()
     print(
-        f"perplexity at {target} tokens ({target / native:g}x native): {before:.2f} before (position interpolation alone) -> "
-        f"{after:.2f} after LongLoRA; at {native} (forgetting): {summary['forgetting']['base']:.2f} base -> "
-        f"{summary['forgetting']['after']:.2f} after ({summary['forgetting']['change']:+.1%})"
+        f"perplexity at {target} tokens ({target / native:g}x native): {before:.2f} before (position interpolation "
+        f"alone) -> {after:.2f} after LongLoRA; at {native} (forgetting): {summary['forgetting']['base']:.2f} base "
+        f"-> {summary['forgetting']['after']:.2f} after ({summary['forgetting']['change']:+.1%})"
     )
+    for claim, met in checks:
+        print(f"  [{'met' if met else 'MISSED'}] {claim}")
     print(
         f"adapter + card: {adapter}   merged: {merged}   plots: {out / 'eval'}   summary: {out / 'summary.json'}"
     )
