@@ -189,7 +189,7 @@ def summarize(runs: list[dict], reference: dict, args: argparse.Namespace) -> st
         if not rows:
             continue
         lines += [f"### {title}", ""]
-        header = ["row", *(f"ppl@{n}" for n in lengths), f"passkey@{target}", "s/step", "seeds"]
+        header = ["row", *(f"ppl@{n}" for n in lengths), f"passkey@{target}", "s/step (median)", "seeds"]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for row in rows:
             mine = [run for run in runs if run["row"] == row]
@@ -199,7 +199,9 @@ def summarize(runs: list[dict], reference: dict, args: argparse.Namespace) -> st
                 cells.append(f"{m:.2f} ± {s:.2f}")
             m, s = mean_std([run["passkey"] for run in mine])
             cells.append(f"{m:.0%} ± {s:.0%}")
-            cells.append(f"{statistics.fmean(run['seconds_per_step'] for run in mine):.3f}")
+            cells.append(
+                f"{statistics.median(run['seconds_per_step'] for run in mine):.3f}"
+            )  # robust to one busy run
             cells.append(str(len(mine)))
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
@@ -355,7 +357,7 @@ def main() -> None:
                 flush=True,
             )
     results = {
-        "settings": {k: v for k, v in vars(args).items() if k != "quick"} | {"quick": args.quick},
+        "settings": vars(args),
         "reference": reference,
         "runs": runs,
         "minutes": round((time.perf_counter() - started) / 60, 1),
