@@ -180,8 +180,8 @@ def summarize(runs: list[dict], reference: dict, args: argparse.Namespace) -> st
     target = str(args.target)
     lines = [
         f"Base: {reference['base_perplexity']} (perplexity per length, unextended); position interpolation x"
-        f"{args.factor} alone: {reference['pi_perplexity']}; passkey@{target}: base "
-        f"{reference['base_passkey']:.0%}, PI alone {reference['pi_passkey']:.0%}.",
+        f"{args.factor} ({args.rope_method}) alone: {reference['pi_perplexity']}; passkey@{target}: base "
+        f"{reference['base_passkey']:.0%}, {args.rope_method} alone {reference['pi_passkey']:.0%}.",
         "",
     ]
     for title, rows in TABLES.items():
@@ -225,7 +225,11 @@ def plots(runs: list[dict], reference: dict, out: Path, args: argparse.Namespace
             lengths, means, marker=markers[i % len(markers)], label=row, linestyle=["-", "--", ":"][i % 3]
         )
     ax.plot(
-        lengths, [reference["pi_perplexity"][str(n)] for n in lengths], "k--", marker="x", label="PI alone"
+        lengths,
+        [reference["pi_perplexity"][str(n)] for n in lengths],
+        "k--",
+        marker="x",
+        label=f"{args.rope_method} alone",
     )
     ax.set_xscale("log", base=2)
     ax.set_xticks(lengths, [str(n) for n in lengths])
@@ -247,7 +251,7 @@ def plots(runs: list[dict], reference: dict, out: Path, args: argparse.Namespace
         ax.scatter(loss, gain, label=row)
         ax.annotate(row, (statistics.fmean(loss), statistics.fmean(gain)), fontsize=8)
     ax.set_xlabel(f"forgetting: perplexity at {native} minus the base's (lower is better)")
-    ax.set_ylabel(f"learning: perplexity at {args.target}, PI alone minus the row's")
+    ax.set_ylabel(f"learning: ppl at {args.target}, {args.rope_method} alone minus the row's")
     ax.set_title("Learning vs forgetting (one point per seed)")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -285,7 +289,18 @@ def main() -> None:
     parser.add_argument(
         "--quick", action="store_true", help="1 seed, 2 rows, 3 steps, 2 windows (smoke test)"
     )
+    parser.add_argument(
+        "--summarize", action="store_true", help="only rewrite table.md and the plots from <out>/results.json"
+    )
     args = parser.parse_args()
+    if args.summarize:
+        out = Path(args.out)
+        results = json.loads((out / "results.json").read_text())
+        saved = Namespace(**results["settings"])
+        (out / "table.md").write_text(summarize(results["runs"], results["reference"], saved) + "\n")
+        plots(results["runs"], results["reference"], out, saved)
+        print((out / "table.md").read_text())
+        return
     from demo_base import CHECKPOINT
 
     if args.quick:
