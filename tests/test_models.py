@@ -66,7 +66,7 @@ def test_from_pretrained_with_backend_and_knobs(saved_llama):
         ({"s2_group_size_ratio": 1.5}, r"s2_group_size_ratio must be a float in \(0, 1\]"),
         ({"s2_group_size": 1}, r"s2_group_size must be an int >= 2 or None"),
         ({"s2_group_size": 8.0}, r"s2_group_size must be an int >= 2 or None"),
-        ({"s2_shift": "wrap"}, r"s2_shift must be one of \('partition', 'roll'\)"),
+        ({"s2_shift": "wrap"}, r"s2_shift must be one of \('partition', 'roll', 'none'\)"),
     ],
 )
 def test_invalid_knobs_fail_at_load(saved_llama, kwargs, message):
