@@ -766,6 +766,33 @@ MUTATIONS: list[Mutation] = [
         "the padding to a multiple of sp continues the last document (its S2 groups change)",
         "tests/test_ulysses.py::test_a_length_that_does_not_divide_is_padded_with_a_document_of_its_own",
     ),
+    # ---- issue #14
+    _m(
+        "no-shift-keeps-the-shift",
+        "hf_longlora/attention/groups.py",
+        """        elif shift == "none":
+            shifted += unshifted_segment_lengths(length, group)""",
+        """        elif shift == "none":
+            shifted += shifted_segment_lengths(length, group)""",
+        's2_shift="none" still shifts the second head half',
+        "tests/test_attention_parity.py::test_no_shift_keeps_every_head_inside_its_group",
+    ),
+    _m(
+        "passkey-documents-without-the-answer",
+        "hf_longlora/data/passkey.py",
+        'documents.append(f"{prompt} {key}.")',
+        "documents.append(prompt)",
+        "the passkey training documents end at the question (nothing to learn retrieval from)",
+        "tests/test_tokenizer_data.py::test_passkey_documents_hide_one_key_and_answer_it",
+    ),
+    _m(
+        "passkey-documents-ignore-the-haystacks",
+        "hf_longlora/data/passkey.py",
+        "if hay_ids and rng.random() < haystack_fraction:",
+        "if False:",
+        "the passkey training documents never hide the needle in prose",
+        "tests/test_tokenizer_data.py::test_passkey_documents_hide_one_key_and_answer_it",
+    ),
 ]
 
 
