@@ -381,7 +381,7 @@ def main() -> None:
     before, after = summary["perplexity"]["before"][str(target)], summary["perplexity"]["after"][str(target)]
     print()
     print(
-        f"perplexity at {target} tokens ({target / native:g}x native): {before:.2f} before (position interpolation "
+        f"perplexity at {target} tokens ({target / native:g}x native): {before:.2f} before ({args.rope_method} "
         f"alone) -> {after:.2f} after LongLoRA; at {native} (forgetting): {summary['forgetting']['base']:.2f} base "
         f"-> {summary['forgetting']['after']:.2f} after ({summary['forgetting']['change']:+.1%})"
     )
