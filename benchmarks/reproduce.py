@@ -149,10 +149,9 @@ def train_full(model_args, corpus_args, longlora_args, training_args):
     return trainer
 
 
-def evaluate(
-    paths: dict[str, Path], base: Path, heldout: list[str], args: argparse.Namespace, seed: int
-) -> dict:
-    from hf_longlora.evaluation import EvalSettings, ModelSpec, evaluate_models
+def evaluate(specs: list, heldout: list[str], args: argparse.Namespace, seed: int) -> dict:
+    """Every row's protocol: perplexity at 1x/2x/4x and passkey at 4x, full attention (``{label: results}``)."""
+    from hf_longlora.evaluation import EvalSettings, evaluate_models
 
     native = args.target // args.factor
     settings = EvalSettings(
@@ -165,7 +164,6 @@ def evaluate(
         seed=seed,
         progress=False,
     )
-    specs = [ModelSpec(str(path), label=label, base=str(base)) for label, path in paths.items()]
     return evaluate_models(specs, heldout, settings)["models"]
 
 
@@ -324,22 +322,11 @@ def main() -> None:
     corpus, heldout = split_data(data_args, out / "data", AutoTokenizer.from_pretrained(base), args.target)
 
     started = time.perf_counter()
-    ref = evaluate({"base": base}, base, heldout, args, seed=0)["base"]
-    from hf_longlora.evaluation import EvalSettings, ModelSpec, evaluate_models
+    from hf_longlora.evaluation import ModelSpec
 
-    pi = evaluate_models(
-        [ModelSpec(str(base), label="pi", context_length=args.target, rope_method=args.rope_method)],
-        heldout,
-        EvalSettings(
-            lengths=sorted({native, 2 * native, args.target}),
-            max_windows=args.max_windows,
-            batch_size=4,
-            passkey_lengths=[args.target],
-            passkey_trials=args.passkey_trials,
-            forgetting=False,
-            progress=False,
-        ),
-    )["models"]["pi"]
+    pi_spec = ModelSpec(str(base), label="pi", context_length=args.target, rope_method=args.rope_method)
+    references = evaluate([ModelSpec(str(base), label="base"), pi_spec], heldout, args, seed=0)
+    ref, pi = references["base"], references["pi"]
     reference = {
         "base_perplexity": {str(n): round(v, 3) for n, v in ref["perplexity"].items()},
         "pi_perplexity": {str(n): round(v, 3) for n, v in pi["perplexity"].items()},
@@ -354,7 +341,8 @@ def main() -> None:
             run_dir.mkdir(parents=True)
             config = training_config(row, base, corpus, run_dir, args, seed)
             _, per_step = train(config)
-            result = evaluate({row: run_dir / "adapter"}, base, heldout, args, seed=0)[row]
+            spec = ModelSpec(str(run_dir / "adapter"), label=row, base=str(base))
+            result = evaluate([spec], heldout, args, seed=0)[row]
             runs.append(
                 {
                     "row": row,
