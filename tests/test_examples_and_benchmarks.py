@@ -231,3 +231,38 @@ def test_smollm2_16k_quick(tmp_path):
     assert set(results["models"]) == {"PI alone", "LongLoRA"}
     assert set(results["models"]["LongLoRA"]["perplexity"]) == {"128", "256"}
     assert results["training"]["steps"] == 2
+
+
+def test_train_step_bf16_base_keeps_the_frozen_weights_in_bf16(tmp_path):
+    """bf16-base (a bf16 model, fp32 master weights for what is trained) against bf16-mixed (an fp32 model): the
+    same trained parameters with the same fp32 AdamW state; only the frozen weights halve. Full FT is the same
+    fp32 model in both (every weight is trained)."""
+    cells = tmp_path / "cells.jsonl"
+    for dtype in ("bf16-mixed", "bf16-base"):
+        run(
+            [
+                str(ROOT / "benchmarks" / "train_step.py"),
+                "--quick",
+                "--modes",
+                "smollm2",
+                "--smollm2-parts",
+                "memory",
+                "--dtype",
+                dtype,
+                "--save",
+                str(cells),
+            ],
+            cwd=ROOT,
+        )
+    rows = [json.loads(line) for line in cells.read_text().splitlines()]
+    by = {(r["dtype"], r["method"]): r for r in rows if r["length"] == max(x["length"] for x in rows)}
+    for method in ("longlora", "lora", "full"):
+        mixed, base = by["bf16-mixed", method], by["bf16-base", method]
+        assert base["trainable_params"] == mixed["trainable_params"], method
+        assert base["optimizer"] == mixed["optimizer"] == 8 * mixed["trainable_params"], method
+        assert base["grads"] == mixed["grads"] == 4 * mixed["trainable_params"], method
+        frozen = mixed["params"] - mixed["trainable_params"]
+        if method == "full":
+            assert base["weights"] == mixed["weights"]
+        else:  # 2 bytes per frozen parameter instead of 4; the tied embedding's copy is one fp32 tensor
+            assert mixed["weights"] - base["weights"] == 2 * frozen, method

@@ -6,7 +6,11 @@ smollm2.py, loss.py, profiling.py) only choose cells and print tables.
 
 Precision (``dtype``): ``fp32``; ``bf16`` (pure bf16: the model's weights, gradients and AdamW state in bf16); and
 ``bf16-mixed`` (what ``TrainingArguments(bf16=True)`` does: fp32 weights and optimizer state, the forward under
-``torch.autocast(bfloat16)``).
+``torch.autocast(bfloat16)``); and ``bf16-base`` (what PEFT users run: ``from_pretrained(dtype=torch.bfloat16)`` plus
+``TrainingArguments(bf16=True)``: the frozen weights in bf16, fp32 master weights, gradients and AdamW state for
+the trained parameters only (PEFT upcasts the LoRA matrices, hf_longlora the trained embedding and norm copies),
+the forward under autocast. Full fine-tuning trains every weight, so its ``bf16-base`` cell is its ``bf16-mixed``
+one: an fp32 model).
 """
 
 from __future__ import annotations
@@ -23,8 +27,8 @@ import time
 from pathlib import Path
 
 GIB = 1024**3
-DTYPES = ("fp32", "bf16", "bf16-mixed")
-AUTOCAST_DTYPES = ("bf16-mixed",)
+DTYPES = ("fp32", "bf16", "bf16-mixed", "bf16-base")
+AUTOCAST_DTYPES = ("bf16-mixed", "bf16-base")
 TRAIN_STEP_SCRIPT = Path(__file__).resolve().parent.parent / "train_step.py"
 
 
@@ -83,9 +87,12 @@ def build_model(cfg: dict):
     import hf_longlora
     from hf_longlora import LongLoraConfig, configure_s2, extend_context, get_longlora_model
 
-    # bf16-mixed keeps fp32 weights (and so fp32 gradients and AdamW state); the worker autocasts the forward
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "bf16-mixed": torch.float32}[cfg["dtype"]]
+    # bf16-mixed keeps fp32 weights (and so fp32 gradients and AdamW state); the worker autocasts the forward.
+    # bf16-base loads bf16: the adapters' trained parameters get fp32 master weights, full FT stays an fp32 model
     method = cfg["method"]
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "bf16-mixed": torch.float32}.get(
+        cfg["dtype"], torch.float32 if method == "full" else torch.bfloat16
+    )
     attn = cfg.get("attn") or (hf_longlora.S2_ATTENTION if method == "longlora" else "sdpa")
     torch.manual_seed(0)
     if cfg["model"] == "smollm2":
@@ -313,6 +320,7 @@ class Runner:
             result = worker(base)
             result["wall"] = 0.0
             self.results.append(result)
+            self._save(result)
             return result
         cmd = [sys.executable, str(TRAIN_STEP_SCRIPT), "--worker", json.dumps(base)]
         if a.nice:
@@ -334,9 +342,7 @@ class Runner:
         result = json.loads(lines[-1][len("RESULT ") :])
         result["wall"] = wall
         self.results.append(result)
-        if a.save:
-            with open(a.save, "a") as f:
-                f.write(json.dumps(result) + "\n")
+        self._save(result)
         if a.verbose:
             print(
                 f"#   {result['model']} {result['method']:<13} L={result['length']:>6} {result['dtype']} "
@@ -346,6 +352,11 @@ class Runner:
                 flush=True,
             )
         return result
+
+    def _save(self, result: dict) -> None:
+        if self.args.save:
+            with open(self.args.save, "a") as f:
+                f.write(json.dumps(result) + "\n")
 
 
 def best(results, **match):

@@ -1,8 +1,9 @@
 """The adapter lifecycle: wrap a model for LongLoRA, and load a saved adapter back with its context extension.
 
-``get_longlora_model`` is ``peft.get_peft_model`` plus three things: it records the model's context extension and
+``get_longlora_model`` is ``peft.get_peft_model`` plus four things: it records the model's context extension and
 S2 settings in the config (so they are saved with the adapter), it checks that the embeddings and norms it should
-train exist (and that every norm of the model is covered), and it keeps tied input/output embeddings tied.
+train exist (and that every norm of the model is covered), it keeps tied input/output embeddings tied, and on a
+bf16/fp16 base it keeps fp32 master weights for the embeddings and norms it trains (``precision.py``).
 """
 
 from __future__ import annotations
@@ -21,13 +22,9 @@ from ..attention import S2Settings
 from .config import LongLoraConfig
 from .context import context_length, original_context_length
 from .loading import load_model
+from .precision import is_norm, upcast_trained_copies
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-_NORM_CLASS_SUFFIXES = ("RMSNorm", "LayerNorm", "GroupNorm")
-
-
-def _is_norm(module: torch.nn.Module) -> bool:
-    return isinstance(module, torch.nn.LayerNorm) or type(module).__name__.endswith(_NORM_CLASS_SUFFIXES)
 
 
 def record_context(config: LongLoraConfig, model: PreTrainedModel) -> LongLoraConfig:
@@ -77,6 +74,9 @@ def get_longlora_model(
         model: the base model (after :func:`extend_context` / :func:`load_model` for a longer context).
         peft_config: a :class:`LongLoraConfig` (default: ``LongLoraConfig()``, the paper's recipe). Not modified.
         adapter_name, mixed, autocast_adapter_dtype, revision, low_cpu_mem_usage: as in ``peft.get_peft_model``.
+            ``autocast_adapter_dtype`` (default True) also makes the trained embedding and norm copies of a
+            bf16/fp16 base fp32 (see :func:`hf_longlora.adapters.precision.upcast_trained_copies`); PEFT alone
+            upcasts only the LoRA matrices, and bf16 AdamW steps on a norm weight round away.
         config: the 0.1.0.dev0 name of ``peft_config`` (deprecated).
 
     Raises:
@@ -106,7 +106,7 @@ def get_longlora_model(
                 f"{embedding_names}; set LongLoraConfig(embedding_module_names=[...])"
             )
     if config.trainable_norms:
-        norms = [n for n, m in model.named_modules() if _is_norm(m)]
+        norms = [n for n, m in model.named_modules() if is_norm(m)]
         uncovered = [n for n in norms if not any(n.endswith(s) for s in config.norm_module_names)]
         if not norms or uncovered:
             raise ValueError(
@@ -118,7 +118,7 @@ def get_longlora_model(
             for n in names
             if any(n.endswith(s) for s in config.norm_module_names)
             and n
-            and not _is_norm(model.get_submodule(n))
+            and not is_norm(model.get_submodule(n))
         ]
         if overreach:
             raise ValueError(
@@ -128,7 +128,7 @@ def get_longlora_model(
         # PEFT then trains one tensor shared by the input embeddings and the tied output layer
         config.ensure_weight_tying = True
     record_context(config, model)
-    return get_peft_model(
+    peft_model = get_peft_model(
         model,
         config,
         adapter_name=adapter_name,
@@ -137,6 +137,9 @@ def get_longlora_model(
         revision=revision,
         low_cpu_mem_usage=low_cpu_mem_usage,
     )
+    if autocast_adapter_dtype:
+        upcast_trained_copies(peft_model, adapter_name)
+    return peft_model
 
 
 def _read_adapter_tensors_meta(adapter_dir: str) -> dict[str, tuple[int, ...]]:
@@ -249,7 +252,8 @@ def load_adapter(
     Args:
         base: the base model (path, Hub id or a loaded model).
         adapter_dir: a directory written by ``save_pretrained`` of a LongLoRA PeftModel.
-        is_trainable: keep training the adapter.
+        is_trainable: keep training the adapter (on a bf16/fp16 base the trained embedding and norm copies get fp32
+            master weights, as in :func:`get_longlora_model`).
         context_length, rope_method: the context extension the adapter was trained with, for an adapter that does
             not record it (made with ``peft.get_peft_model`` instead of :func:`get_longlora_model`, which records
             it). Such an adapter is refused without them; for one that records it they must agree with the record.
@@ -282,6 +286,9 @@ def load_adapter(
         extend_context(model, context_length, rope_method)  # what the caller says the adapter was trained at
     restore_context(model, config)
     check_adapter_matches_base(model, adapter_dir)
-    return PeftModel.from_pretrained(
+    peft_model = PeftModel.from_pretrained(
         model, adapter_dir, adapter_name=adapter_name, is_trainable=is_trainable, config=config
     )
+    if is_trainable:
+        upcast_trained_copies(peft_model, adapter_name)  # as get_longlora_model: fp32 master weights
+    return peft_model
