@@ -95,12 +95,6 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         # hidden (N, H), weight (V, H), bias (V,) or None, targets (N,) with -100 = no loss
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_bias = bias is not None and ctx.needs_input_grad[2]
-        grad_hidden = torch.empty_like(hidden) if need_hidden else None  # (N, H)
-        grad_weight = (
-            torch.zeros_like(weight, dtype=_loss_dtype(weight.dtype)) if need_weight else None
-        )  # (V, H)
-        grad_bias = torch.zeros_like(bias, dtype=_loss_dtype(bias.dtype)) if need_bias else None  # (V,)
-        total = hidden.new_zeros((), dtype=_loss_dtype(hidden.dtype))
         # the products run in autocast's dtype where autocast would cast them, else in the hidden states' dtype
         device = hidden.device.type
         autocast = torch.is_autocast_enabled(device)
@@ -110,8 +104,15 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         logits_dtype = _loss_dtype(product_dtype)
         if autocast:
             # the model's forward is over: drop the low-precision copies autocast keeps of trainable weights until
-            # its region ends (the head's among them; every weight's under full fine-tuning)
+            # its region ends (the head's among them; every weight's under full fine-tuning), before the gradient
+            # buffers below exist
             torch.clear_autocast_cache()
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None  # (N, H)
+        grad_weight = (
+            torch.zeros_like(weight, dtype=_loss_dtype(weight.dtype)) if need_weight else None
+        )  # (V, H)
+        grad_bias = torch.zeros_like(bias, dtype=_loss_dtype(bias.dtype)) if need_bias else None  # (V,)
+        total = hidden.new_zeros((), dtype=_loss_dtype(hidden.dtype))
         # fp32/fp64: whole-chunk products. bf16/fp16: a vocabulary slice at a time, the head's slice cast when used,
         # so that besides the chunk's fp32 logits only slice-sized low-precision tensors exist
         low_precision = logits_dtype != product_dtype
