@@ -70,7 +70,7 @@ def main():
         return
     vocab, width = (49152, 576) if not args.quick else (2048, 64)
     if args.quick:
-        args.lengths, args.repeats = [512], 1
+        args.lengths, args.repeats, args.chunks = [512], 1, ["auto", "128", "1024"]
     import torch
 
     print(
