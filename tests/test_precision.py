@@ -157,3 +157,14 @@ def test_a_trainable_reload_upcasts_and_an_inference_load_does_not(tmp_path):
     with torch.no_grad():
         ids = batch()["input_ids"]
         torch.testing.assert_close(again.eval()(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+
+
+def test_a_model_cast_to_bf16_afterwards_still_runs():
+    """DeepSpeed's bf16 mode casts the whole module (model.bfloat16()) after the adapter is made: the copies'
+    hooks then follow the weights' dtype instead of forcing fp32 inputs into a bf16 head."""
+    model = get_longlora_model(bf16_base(tie=True), LongLoraConfig())
+    model.bfloat16()
+    ids = batch()["input_ids"]
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()

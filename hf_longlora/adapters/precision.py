@@ -37,8 +37,11 @@ def _cast_floating(value, dtype: torch.dtype):
     return value
 
 
-def _inputs_to_fp32(module: torch.nn.Module, args: tuple):
-    return _cast_floating(args, torch.float32)
+def _inputs_to_weight_dtype(module: torch.nn.Module, args: tuple):
+    # the weight's dtype at call time, not fp32: an engine that casts the whole model later (DeepSpeed's bf16
+    # mode) leaves a bf16 copy, and its input must then stay bf16
+    weight = next((p for p in module.parameters() if p.is_floating_point()), None)
+    return args if weight is None else _cast_floating(args, weight.dtype)
 
 
 def _outputs_to_base_dtype(module: torch.nn.Module, args: tuple, output):
@@ -55,7 +58,7 @@ def upcast_trained_copies(model: torch.nn.Module, adapter_name: str = "default")
 
     The copy's forward keeps the base module's interface: its floating outputs are cast to the base module's dtype.
     Embeddings take token ids and norms accept a half-precision input next to an fp32 weight (they compute in fp32
-    and round once, as the base module does); any other copy (a tied LM head) gets its floating inputs cast to fp32. Copies that are fp32 already (an fp32 base, or a QLoRA base after
+    and round once, as the base module does); any other copy (a tied LM head) gets its floating inputs cast to its weight's dtype (fp32). Copies that are fp32 already (an fp32 base, or a QLoRA base after
     ``prepare_model_for_kbit_training``) are left as they are. Tied copies (``ensure_weight_tying``) share one
     Parameter, which stays shared.
 
@@ -75,7 +78,7 @@ def upcast_trained_copies(model: torch.nn.Module, adapter_name: str = "default")
         trained.float()  # in place: a Parameter shared with a tied copy stays one Parameter
         trained._longlora_compute_dtype = base_dtype
         if not (isinstance(trained, torch.nn.Embedding) or is_norm(trained)):
-            trained.register_forward_pre_hook(_inputs_to_fp32)
+            trained.register_forward_pre_hook(_inputs_to_weight_dtype)
         trained.register_forward_hook(_outputs_to_base_dtype)
         upcast.append(name)
     return upcast
