@@ -73,8 +73,8 @@ def main() -> None:
         "--dtype",
         default="bf16",
         choices=list(DTYPES),
-        help="fp32; bf16 (pure: weights and AdamW state in bf16); bf16-mixed (fp32 weights, autocast); "
-        "bf16-base (bf16 frozen weights, fp32 trained ones, autocast)",
+        help="fp32; bf16 (a bf16 model, no autocast: full FT pure bf16, adapters with fp32 trained parameters); "
+        "bf16-mixed (fp32 weights, autocast); bf16-base (bf16 frozen weights, fp32 trained ones, autocast)",
     )
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
     parser.add_argument(

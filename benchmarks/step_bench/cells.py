@@ -4,7 +4,9 @@
 (``--load`` / ``--reuse``) and keeps the results; ``best`` picks a cell's best step. The modes (speed.py, memory.py,
 smollm2.py, loss.py, profiling.py) only choose cells and print tables.
 
-Precision (``dtype``): ``fp32``; ``bf16`` (pure bf16: the model's weights, gradients and AdamW state in bf16); and
+Precision (``dtype``): ``fp32``; ``bf16`` (the model cast to bf16, no autocast: full fine-tuning is pure bf16, its
+weights, gradients and AdamW state all bf16; the adapters' trained parameters keep the fp32 master weights that
+PEFT (LoRA matrices) and hf_longlora (trained embedding and norm copies) give them on a bf16 model);
 ``bf16-mixed`` (what ``TrainingArguments(bf16=True)`` does: fp32 weights and optimizer state, the forward under
 ``torch.autocast(bfloat16)``); and ``bf16-base`` (what PEFT users run: ``from_pretrained(dtype=torch.bfloat16)`` plus
 ``TrainingArguments(bf16=True)``: the frozen weights in bf16, fp32 master weights, gradients and AdamW state for
