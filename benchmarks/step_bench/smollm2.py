@@ -64,8 +64,12 @@ def memory_table(runner: Runner, args, model: str, length: int):
             cells["longlora"]["peak"] - cells["longlora"]["row"]["rss_start"]
         )
         print(f"peak memory full FT / LongLoRA: {ratio:.2f}x (without the process baseline: {net:.2f}x)")
-    if "lora" in cells and "longlora" in cells:
-        print(
-            f"activations + temporaries LongLoRA / LoRA-full: {fmt_gib(cells['longlora']['activ'])} / "
-            f"{fmt_gib(cells['lora']['activ'])} GiB"
-        )
+    for other in (
+        "lora",
+        "longlora_full",
+    ):  # plain LoRA; the same adapter with full attention (S2-Attn's part)
+        if other in cells and "longlora" in cells:
+            print(
+                f"activations + temporaries LongLoRA / {METHOD_NAMES[other]}: "
+                f"{fmt_gib(cells['longlora']['activ'])} / {fmt_gib(cells[other]['activ'])} GiB"
+            )
