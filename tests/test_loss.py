@@ -107,7 +107,7 @@ def test_logit_transforms_fall_back_to_the_plain_loss():
     assert not supports_chunked_loss(LlamaForCausalLM(tiny_config(final_logit_softcapping=30.0)))
 
 
-def _train_one_step(trainer_cls, tmp_path, tied):
+def _train_one_step(trainer_cls, tmp_path, tied, **training):
     model = _model(tied, seed=5)
     rows = []
     for seed in range(4):  # 4 micro-batches of one row, different numbers of labelled tokens
@@ -127,6 +127,7 @@ def _train_one_step(trainer_cls, tmp_path, tied):
         save_strategy="no",
         seed=0,
         data_seed=0,
+        **training,
     )
     trainer = trainer_cls(
         model=model, args=args, train_dataset=Dataset.from_list(rows), data_collator=default_data_collator
@@ -151,6 +152,25 @@ def test_trainer_gradient_accumulation_matches_transformers(tmp_path, tied, monk
     assert loss_chunked == pytest.approx(loss_plain, rel=1e-6)
     for name in plain:
         torch.testing.assert_close(chunked[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_trainer_runs_the_chunked_loss_under_its_mixed_precision(tmp_path, monkeypatch):
+    """accelerate autocasts only the model's forward; the LM head runs after it, in the loss, and must get the same
+    autocast (else a bf16 model's head meets fp32-converted hidden states, and an fp32 model's head runs in fp32)."""
+    import hf_longlora.training.loss as loss_module
+
+    seen = []
+    original = loss_module.causal_lm_loss
+    monkeypatch.setattr(
+        loss_module,
+        "causal_lm_loss",
+        lambda *a, **k: seen.append(torch.is_autocast_enabled("cpu")) or original(*a, **k),
+    )
+    _train_one_step(ChunkedLossTrainer, tmp_path, tied=True, bf16=True)
+    assert seen == [True] * 4
+    seen.clear()
+    _train_one_step(ChunkedLossTrainer, tmp_path, tied=True)
+    assert seen == [False] * 4
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -337,3 +357,31 @@ def test_fused_under_bf16_autocast_within_pytorch_error(with_bias, vocab_slice, 
         err_plain = (plain.double() - want).abs().max()
         assert 0 < err_plain < 0.05 * want.abs().max()  # bf16 really ran
         assert (got.double() - want).abs().max() <= 2 * err_plain
+
+
+def test_fused_with_a_bf16_head_and_fp32_hidden_states_outside_autocast():
+    """A bf16 model's outputs that accelerate converted to fp32, next to its bf16 head, with no autocast around the
+    loss: the products run in bf16 (the head's dtype), within 2x the plain bf16 head's own error vs fp64."""
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(64, 300, bias=False).to(torch.bfloat16).requires_grad_(False)
+    hidden_bf16 = torch.randn(2, 96, 64, generator=g).to(torch.bfloat16)
+    labels = torch.randint(0, 300, (2, 96), generator=g)
+    flat = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:].reshape(-1)
+    count = (flat != -100).sum()
+
+    def reference(dtype):
+        hidden = hidden_bf16.to(dtype).requires_grad_(True)
+        logits = torch.nn.functional.linear(hidden, head.weight.to(dtype)).reshape(-1, 300).double()
+        loss = torch.nn.functional.cross_entropy(logits, flat, ignore_index=-100, reduction="sum") / count
+        return loss, torch.autograd.grad(loss, hidden)[0]
+
+    want_loss, want_grad = reference(torch.float64)
+    plain_loss, plain_grad = reference(torch.bfloat16)
+    hidden = hidden_bf16.float().requires_grad_(True)  # accelerate's convert_outputs_to_fp32
+    loss = chunked_causal_lm_loss(hidden, head, labels, chunk_size=32, fused=True)
+    (grad,) = torch.autograd.grad(loss, hidden)
+    assert grad.dtype == torch.float32
+    assert abs(loss.double() - want_loss) <= 2 * abs(plain_loss - want_loss) + 1e-6
+    err_plain = (plain_grad.double() - want_grad).abs().max()
+    assert 0 < err_plain
+    assert (grad.double() - want_grad).abs().max() <= 2 * err_plain

@@ -753,3 +753,24 @@ def test_train_precision_on_this_machine(tmp_path, tiny_checkpoint, corpus, caps
     assert saved.bf16 is bf16_supported()
     mode = "bf16 mixed precision" if bf16_supported() else "no mixed precision"
     assert f"precision: {mode}" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_train_on_a_bf16_base_trains_the_norms(tmp_path, tiny_checkpoint, corpus):
+    """`dtype: bfloat16`: the norms and embeddings LongLoRA trains keep fp32 master weights, so a small learning
+    rate still moves them (in bf16, an AdamW step of 2e-5 on a weight of 1.0 rounds away), and the adapter saves
+    them in fp32."""
+    from safetensors.torch import load_file
+
+    config = train_config(
+        tmp_path, tiny_checkpoint, corpus, dtype="bfloat16", bf16=True, learning_rate=2e-5, warmup_steps=0
+    )
+    config.update(max_steps=2, save_steps=2)
+    assert cli.main(["train", "--config", str(write_yaml(tmp_path / "c.yaml", config))]) == 0
+    saved = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    base = load_file(tiny_checkpoint / "model.safetensors")
+    norms = {k: v for k, v in saved.items() if "norm" in k}
+    assert norms and all(v.dtype == torch.float32 for v in norms.values())
+    for key, value in norms.items():
+        base_key = next(b for b in base if key.endswith(b.removeprefix("model.")) or b in key)
+        assert not torch.equal(value, base[base_key].float()), f"{key} did not train"

@@ -95,12 +95,16 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         # hidden (N, H), weight (V, H), bias (V,) or None, targets (N,) with -100 = no loss
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_bias = bias is not None and ctx.needs_input_grad[2]
-        # the products run in autocast's dtype where autocast would cast them, else in the hidden states' dtype
+        # the products run in autocast's dtype where autocast would cast them; else in the lower of the two dtypes
+        # (fp32 hidden states next to a bf16 head are a bf16 model's outputs that accelerate converted to fp32)
         device = hidden.device.type
         autocast = torch.is_autocast_enabled(device)
-        product_dtype = (
-            torch.get_autocast_dtype(device) if autocast and hidden.dtype == torch.float32 else hidden.dtype
-        )
+        if autocast and hidden.dtype == torch.float32:
+            product_dtype = torch.get_autocast_dtype(device)
+        elif hidden.dtype == torch.float32 and weight.dtype in (torch.bfloat16, torch.float16):
+            product_dtype = weight.dtype
+        else:
+            product_dtype = hidden.dtype
         logits_dtype = _loss_dtype(product_dtype)
         if autocast:
             # the model's forward is over: drop the low-precision copies autocast keeps of trainable weights until
@@ -326,7 +330,10 @@ class ChunkedLossTrainer(
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         # as in Trainer.compute_loss: the model only sees num_items_in_batch when it accepts loss kwargs
         items = num_items_in_batch if self.model_accepts_loss_kwargs else None
-        loss = causal_lm_loss(model, inputs, items, chunk_size=self.loss_chunk_size)
+        # accelerate autocasts only the model's forward (and converts its outputs to fp32): the LM head, which here
+        # runs after it, gets the same autocast, as it would inside the model
+        with self.accelerator.autocast():
+            loss = causal_lm_loss(model, inputs, items, chunk_size=self.loss_chunk_size)
         if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and items is not None:
             loss_scale = self.accelerator.num_processes // self.get_tp_size()
             loss = loss * (loss_scale if self.args.n_gpu <= 1 else self.args.n_gpu)
