@@ -25,8 +25,10 @@ import time
 def worker(cfg: dict) -> dict:
     import torch
 
+    import hf_longlora.training.loss as loss_module
     from hf_longlora.training.loss import chunked_causal_lm_loss
 
+    loss_module._VOCAB_SLICE = cfg["vocab_slice"]
     torch.manual_seed(0)
     vocab, width, length = cfg["vocab"], cfg["width"], cfg["length"]
     head = torch.nn.Linear(width, vocab, bias=False)
@@ -61,6 +63,9 @@ def main():
     )
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192])
     parser.add_argument("--chunks", nargs="+", default=["auto", "128", "256", "512", "1024"])
+    parser.add_argument(
+        "--vocab-slices", type=int, nargs="+", default=[8192], help="vocabulary rows per bf16 product"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -78,15 +83,17 @@ def main():
         f"{torch.get_num_threads()} threads, cpu capability {torch.backends.cpu.get_cpu_capability()}"
     )
     print(
-        f"{'L':>6} {'head':>14} {'chunk':>9} | {'s (best)':>8} {'vs 1024':>7} | {'loss MiB':>8} {'vs 1024':>7}"
+        f"{'L':>6} {'head':>14} {'slice':>5} {'chunk':>9} | {'s (best)':>8} {'vs ref':>7} | {'loss MiB':>8} "
+        f"{'vs ref':>7}"
     )
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
     for length in args.lengths:
         for trained in (True, False):
             rows = []
-            for chunk in args.chunks:
+            for chunk, vocab_slice in [(c, v) for v in args.vocab_slices for c in args.chunks]:
                 size = liger_chunk(length, vocab, width) if chunk == "auto" else int(chunk)
                 cfg = dict(vocab=vocab, width=width, length=length, chunk=size, trained=trained)
+                cfg["vocab_slice"] = vocab_slice
                 cfg["repeats"] = args.repeats
                 proc = subprocess.run(
                     [sys.executable, __file__, "--worker", json.dumps(cfg)],
@@ -99,11 +106,13 @@ def main():
                     print(f"# FAILED {cfg}: {proc.stderr[-800:]}")
                     continue
                 rows.append((chunk, json.loads(lines[-1][7:])))
+            # the reference: chunk 1024 with the first vocabulary slice (the library's defaults)
             ref = next((r for c, r in rows if r["chunk"] == 1024), rows[-1][1] if rows else None)
             for chunk, r in rows:
                 label = f"{r['chunk']}" + (" (auto)" if chunk == "auto" else "")
                 print(
-                    f"{length:>6} {'fp32, trained' if trained else 'bf16, frozen':>14} {label:>9} | "
+                    f"{length:>6} {'fp32, trained' if trained else 'bf16, frozen':>14} {r['vocab_slice']:>5} "
+                    f"{label:>9} | "
                     f"{r['time']:>8.3f} {r['time'] / ref['time']:>6.2f}x | {r['extra'] / 2**20:>8.0f} "
                     f"{r['extra'] / ref['extra']:>6.2f}x"
                 )
