@@ -233,6 +233,7 @@ def test_smollm2_16k_quick(tmp_path):
     assert results["training"]["steps"] == 2
 
 
+@pytest.mark.slow
 def test_train_step_bf16_base_keeps_the_frozen_weights_in_bf16(tmp_path):
     """bf16-base (a bf16 model, fp32 master weights for what is trained) against bf16-mixed (an fp32 model): the
     same trained parameters with the same fp32 AdamW state; only the frozen weights halve. Full FT is the same
