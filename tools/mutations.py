@@ -793,6 +793,48 @@ MUTATIONS: list[Mutation] = [
         "the passkey training documents never hide the needle in prose",
         "tests/test_tokenizer_data.py::test_passkey_documents_hide_one_key_and_answer_it",
     ),
+    _m(
+        "bf16-copies-not-upcast",
+        "hf_longlora/adapters/lifecycle.py",
+        """        upcast_trained_copies(peft_model, adapter_name)
+    return peft_model""",
+        """        pass
+    return peft_model""",
+        "get_longlora_model leaves a bf16 model's trained embedding and norm copies in bf16 (the norms never move)",
+        "tests/test_precision.py::test_norms_and_embeddings_train_at_a_small_learning_rate",
+    ),
+    _m(
+        "upcast-copies-without-the-output-cast",
+        "hf_longlora/adapters/precision.py",
+        "        trained.register_forward_hook(_outputs_to_base_dtype)",
+        "        pass",
+        "the fp32 copies hand fp32 to a bf16 model (the residual stream and its memory turn fp32)",
+        "tests/test_precision.py::test_the_forward_is_unchanged_and_stays_bf16",
+    ),
+    _m(
+        "upcast-copies-force-fp32-inputs",
+        "hf_longlora/adapters/precision.py",
+        "    return args if weight is None else _cast_floating(args, weight.dtype)",
+        "    return _cast_floating(args, torch.float32)",
+        "a copy cast to bf16 afterwards (DeepSpeed's bf16 mode) gets fp32 inputs",
+        "tests/test_precision.py::test_a_model_cast_to_bf16_afterwards_still_runs",
+    ),
+    _m(
+        "chunked-loss-outside-autocast",
+        "hf_longlora/training/loss.py",
+        "        with self.accelerator.autocast():",
+        "        if True:",
+        "ChunkedLossTrainer's loss runs outside the accelerator's autocast",
+        "tests/test_loss.py::test_trainer_runs_the_chunked_loss_under_its_mixed_precision",
+    ),
+    _m(
+        "fused-loss-fp32-hidden-bf16-head",
+        "hf_longlora/training/loss.py",
+        "        elif hidden.dtype == torch.float32 and weight.dtype in (torch.bfloat16, torch.float16):",
+        "        elif False:",
+        "fp32 hidden states next to a bf16 head multiply in fp32 against a bf16 weight (a dtype error)",
+        "tests/test_loss.py::test_fused_with_a_bf16_head_and_fp32_hidden_states_outside_autocast",
+    ),
 ]
 
 
