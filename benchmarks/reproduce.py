@@ -114,13 +114,10 @@ def train(config_path: Path) -> tuple[object, float]:
 
 def train_full(model_args, corpus_args, longlora_args, training_args):
     """Full fine-tuning with hf-longlora train's loading, data and trainer, without the adapter (every weight trains)."""
-    from datasets import Dataset
-    from transformers import default_data_collator
-
     import hf_longlora
     from hf_longlora.data import pack_documents, read_text_corpus, tokenize_documents
-    from hf_longlora.training import ChunkedLossTrainer
     from hf_longlora.training.checks import load_tokenizer
+    from hf_longlora.training.pretraining import packed_blocks_trainer
 
     tokenizer = load_tokenizer(model_args.model_name_or_path)
     ids = tokenize_documents(tokenizer, read_text_corpus(corpus_args.corpus))
@@ -136,13 +133,7 @@ def train_full(model_args, corpus_args, longlora_args, training_args):
         s2_group_size_ratio=longlora_args.s2_group_size_ratio,
     )
     model.config.use_cache = False
-    trainer = ChunkedLossTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=Dataset.from_list(blocks),
-        data_collator=default_data_collator,
-        processing_class=tokenizer,
-    )
+    trainer = packed_blocks_trainer(model, training_args, blocks, tokenizer)
     trainer.train()
     model.save_pretrained(training_args.output_dir)
     tokenizer.save_pretrained(training_args.output_dir)

@@ -25,6 +25,23 @@ from .model import load_for_training, save_trained_adapter
 from .recipe import scale_recipe
 
 
+def packed_blocks_trainer(model, training_args, blocks: list[dict], tokenizer) -> ChunkedLossTrainer:
+    """The trainer of ``hf-longlora train``: packed blocks (``pack_documents``) as they are, the loss in chunks of
+    the sequence (no ``(seq, vocab)`` logits; TRL's SFTTrainer does the same for ``run_sft``). Benchmarks that
+    train outside the CLI (full fine-tuning in ``benchmarks/reproduce.py``) build theirs here, so every row of a
+    comparison trains the same way."""
+    from datasets import Dataset
+    from transformers import default_data_collator
+
+    return ChunkedLossTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=Dataset.from_list(blocks),
+        data_collator=default_data_collator,
+        processing_class=tokenizer,
+    )
+
+
 def run_pretraining(
     model_args,
     corpus_args: CorpusArguments,
@@ -36,8 +53,8 @@ def run_pretraining(
 
     ``recipe_explicit``: the keys the user set (the CLI passes them); when given, the other recipe defaults are
     scaled to the model with :func:`scale_recipe`."""
-    from datasets import Dataset, load_dataset
-    from transformers import AutoConfig, default_data_collator
+    from datasets import load_dataset
+    from transformers import AutoConfig
 
     from ..attention.ulysses import register_s2_ulysses
     from ..data import pack_documents, read_text_corpus, stdlib_documents, tokenize_documents
@@ -113,14 +130,7 @@ def run_pretraining(
     if sequence_parallel > 1:
         register_s2_ulysses(model, sequence_parallel, training_args.per_device_train_batch_size)
     model.peft_config["default"].training_data = [corpus_args.dataset_name or ",".join(corpus_args.corpus)]
-    # the loss in chunks of the sequence: no (seq, vocab) logits (TRL's SFTTrainer does the same for run_sft)
-    trainer = ChunkedLossTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=Dataset.from_list(blocks),
-        data_collator=default_data_collator,
-        processing_class=tokenizer,
-    )
+    trainer = packed_blocks_trainer(model, training_args, blocks, tokenizer)
     trainer.sequence_parallel_size = sequence_parallel
     add_longlora_callbacks(trainer, callbacks)
     remove_stale_checkpoints(stale, training_args)
