@@ -29,6 +29,7 @@ def worker(cfg: dict) -> dict:
     from hf_longlora.training.loss import chunked_causal_lm_loss
 
     loss_module._VOCAB_SLICE = cfg["vocab_slice"]
+    loss_module._CAST_SLICE = cfg["cast_slice"]
     torch.manual_seed(0)
     vocab, width, length = cfg["vocab"], cfg["width"], cfg["length"]
     head = torch.nn.Linear(width, vocab, bias=False)
@@ -66,6 +67,14 @@ def main():
     parser.add_argument(
         "--vocab-slices", type=int, nargs="+", default=[8192], help="vocabulary rows per bf16 product"
     )
+    parser.add_argument(
+        "--cast-slices",
+        type=int,
+        nargs="+",
+        default=[2048],
+        help="rows of a trained fp32 head cast to bf16 per product (the library's default 2048; a vocabulary "
+        "slice's size casts the whole slice at once)",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -83,17 +92,21 @@ def main():
         f"{torch.get_num_threads()} threads, cpu capability {torch.backends.cpu.get_cpu_capability()}"
     )
     print(
-        f"{'L':>6} {'head':>14} {'slice':>5} {'chunk':>9} | {'s (best)':>8} {'vs ref':>7} | {'loss MiB':>8} "
-        f"{'vs ref':>7}"
+        f"{'L':>6} {'head':>14} {'slice':>5} {'cast':>5} {'chunk':>9} | {'s (best)':>8} {'vs ref':>7} | "
+        f"{'loss MiB':>8} {'vs ref':>7}"
     )
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
     for length in args.lengths:
         for trained in (True, False):
             rows = []
-            for chunk, vocab_slice in [(c, v) for v in args.vocab_slices for c in args.chunks]:
+            cells = [(c, v, p) for v in args.vocab_slices for p in args.cast_slices for c in args.chunks]
+            if not trained:  # a frozen bf16 head is not cast
+                cells = list(dict.fromkeys((c, v, args.cast_slices[0]) for c, v, _ in cells))
+            for chunk, vocab_slice, cast_slice in cells:
                 size = liger_chunk(length, vocab, width) if chunk == "auto" else int(chunk)
                 cfg = dict(vocab=vocab, width=width, length=length, chunk=size, trained=trained)
                 cfg["vocab_slice"] = vocab_slice
+                cfg["cast_slice"] = cast_slice
                 cfg["repeats"] = args.repeats
                 proc = subprocess.run(
                     [sys.executable, __file__, "--worker", json.dumps(cfg)],
@@ -106,13 +119,13 @@ def main():
                     print(f"# FAILED {cfg}: {proc.stderr[-800:]}")
                     continue
                 rows.append((chunk, json.loads(lines[-1][7:])))
-            # the reference: chunk 1024 with the first vocabulary slice (the library's defaults)
+            # the reference: chunk 1024 with the first vocabulary and cast slices (the library's defaults)
             ref = next((r for c, r in rows if r["chunk"] == 1024), rows[-1][1] if rows else None)
             for chunk, r in rows:
                 label = f"{r['chunk']}" + (" (auto)" if chunk == "auto" else "")
                 print(
                     f"{length:>6} {'fp32, trained' if trained else 'bf16, frozen':>14} {r['vocab_slice']:>5} "
-                    f"{label:>9} | "
+                    f"{r['cast_slice'] if trained else '-':>5} {label:>9} | "
                     f"{r['time']:>8.3f} {r['time'] / ref['time']:>6.2f}x | {r['extra'] / 2**20:>8.0f} "
                     f"{r['extra'] / ref['extra']:>6.2f}x"
                 )

@@ -157,3 +157,32 @@ def chain_model(checkpoint, tokenizer, chain: list[int]):
             model.model.embed_tokens.weight[token, i] = 1.0
             model.lm_head.weight[chain[min(i + 1, len(chain) - 1)], i] = 1.0
     return model.eval()
+
+
+def peak_allocated_bytes(fn) -> tuple[object, int]:
+    """``(fn(), peak)``: the most bytes torch's CPU allocator held at once during ``fn``, above what it held before.
+
+    From the allocator's own events (``torch.profiler`` with ``profile_memory=True``), as
+    ``benchmarks/step_bench/tracker.py`` does for a whole step.
+    """
+    from torch._C._profiler import _EventType
+
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+    ) as prof:
+        result = fn()
+    events = []
+
+    def visit(event):
+        if event.typed[0] == _EventType.Allocation:
+            events.append((event.start_time_ns, event.typed[1].alloc_size))
+        for child in event.children:
+            visit(child)
+
+    for root in prof.profiler.kineto_results.experimental_event_tree():
+        visit(root)
+    total = peak = 0
+    for _, size in sorted(events):
+        total += size
+        peak = max(peak, total)
+    return result, peak

@@ -318,14 +318,15 @@ def test_fused_path_is_chosen_for_plain_and_tied_heads_only(monkeypatch):
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
-@pytest.mark.parametrize(
-    "vocab_slice", [8192, 128]
-)  # 128: the fp32 logits are filled in three vocabulary slices
-def test_fused_under_bf16_autocast_within_pytorch_error(with_bias, vocab_slice, monkeypatch):
+# (8192, 2048): one slice, one part. (128, 128): the fp32 logits are filled in three vocabulary slices. (128, 48): and
+# the fp32 head (cast for every product, its gradient made) is used in parts of 48 rows within each slice
+@pytest.mark.parametrize("vocab_slice,cast_slice", [(8192, 2048), (128, 128), (128, 48)])
+def test_fused_under_bf16_autocast_within_pytorch_error(with_bias, vocab_slice, cast_slice, monkeypatch):
     """flash-attention's rule: error vs an fp64 reference within a small multiple of plain PyTorch's own error."""
     import hf_longlora.training.loss as loss_module
 
     monkeypatch.setattr(loss_module, "_VOCAB_SLICE", vocab_slice)
+    monkeypatch.setattr(loss_module, "_CAST_SLICE", cast_slice)
     g = torch.Generator().manual_seed(0)
     head64 = torch.nn.Linear(64, 300, bias=with_bias, dtype=torch.float64)
     hidden64 = torch.randn(2, 96, 64, dtype=torch.float64, generator=g, requires_grad=True)
@@ -385,3 +386,47 @@ def test_fused_with_a_bf16_head_and_fp32_hidden_states_outside_autocast():
     err_plain = (plain_grad.double() - want_grad).abs().max()
     assert err_plain > 0
     assert (grad.double() - want_grad).abs().max() <= 2 * err_plain
+
+
+@pytest.mark.parametrize("trained_head", [False, True], ids=["frozen bf16 head", "trained fp32 head"])
+def test_fused_loss_holds_one_chunk_and_one_slice_at_a_time(trained_head, monkeypatch):
+    """The fused loss's peak memory under bf16 autocast, from the allocator's events: the chunk's fp32 logits, the
+    gradients it makes and one vocabulary slice's bf16 gradient, plus at most one part's cast and product; nothing
+    from a finished chunk or slice (a tensor, or a view of one, kept alive into the next chunk's logits)."""
+    from helpers import peak_allocated_bytes
+
+    import hf_longlora.training.loss as loss_module
+
+    monkeypatch.setattr(loss_module, "_VOCAB_SLICE", 1024)
+    monkeypatch.setattr(loss_module, "_CAST_SLICE", 256)
+    n_tokens, hidden_size, vocab, chunk = 512, 64, 2048, 128
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(hidden_size, vocab, bias=False)  # fp32 master weight
+    if not trained_head:
+        head = head.to(torch.bfloat16).requires_grad_(False)
+    hidden = torch.randn(1, n_tokens, hidden_size, generator=g).to(torch.bfloat16).requires_grad_(True)
+    labels = torch.randint(0, vocab, (1, n_tokens), generator=g)
+
+    def loss():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return chunked_causal_lm_loss(hidden, head, labels, chunk_size=chunk, fused=True)
+
+    _, peak = peak_allocated_bytes(loss)
+    logits = chunk * vocab * 4  # the chunk's fp32 logits (the softmax and its gradient reuse them)
+    slice_gradient = chunk * 1024 * 2  # one vocabulary slice of the logits' gradient, bf16
+    grads = (
+        n_tokens * hidden_size * 2 + chunk * hidden_size * 4
+    )  # the hidden states' gradient, the chunk's fp32 one
+    if trained_head:
+        grads += vocab * hidden_size * 4  # the head's fp32 gradient
+        # one part (256 rows) of the head cast to bf16, and that part's weight-gradient product
+        parts = 2 * 256 * hidden_size * 2
+    else:
+        parts = chunk * hidden_size * 2  # the product with the slice (the head is used as it is)
+    # oneDNN's bf16 products allocate a scratch buffer of their own: measured on one product of the slice's shape
+    a = torch.randn(chunk, 1024).to(torch.bfloat16)
+    b = torch.randn(1024, hidden_size).to(torch.bfloat16)
+    _, scratch = peak_allocated_bytes(lambda: a @ b)
+    expected = logits + slice_gradient + grads + parts + scratch
+    assert peak <= expected + slice_gradient // 4, (peak, expected)
+    assert peak >= logits + grads  # the accounting saw the loss's buffers at all

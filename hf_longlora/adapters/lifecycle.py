@@ -22,6 +22,7 @@ from ..attention import S2Settings
 from .config import LongLoraConfig
 from .context import context_length, original_context_length
 from .loading import load_model
+from .norms import use_lean_norms
 from .precision import is_norm, upcast_trained_copies
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -139,6 +140,9 @@ def get_longlora_model(
     )
     if autocast_adapter_dtype:
         upcast_trained_copies(peft_model, adapter_name)
+    use_lean_norms(
+        peft_model, adapter_name
+    )  # the same outputs; the trained norms save less for their backward
     return peft_model
 
 
@@ -291,4 +295,5 @@ def load_adapter(
     )
     if is_trainable:
         upcast_trained_copies(peft_model, adapter_name)  # as get_longlora_model: fp32 master weights
+        use_lean_norms(peft_model, adapter_name)
     return peft_model

@@ -40,6 +40,9 @@ IGNORE_INDEX = -100
 DEFAULT_CHUNK_SIZE = 1024
 # vocabulary rows per low-precision product when the fused loss fills a chunk's fp32 logits
 _VOCAB_SLICE = 8192
+# ... and per product when the head's weight must be cast for it (an fp32 master weight under bf16 autocast: a
+# trained LM head): the cast copy and the weight-gradient product are this many rows, a quarter of a slice
+_CAST_SLICE = 2048
 # config attributes that change the logits after the LM head: the plain loss is used for such models
 _LOGIT_TRANSFORMS = (
     "final_logit_softcapping",
@@ -127,6 +130,13 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         def head_slice(v0, v1):
             return weight[v0:v1].to(product_dtype), None if bias is None else bias[v0:v1].to(product_dtype)
 
+        # a head in the products' dtype is used as it is (a view); one that must be cast, or whose gradient is made,
+        # is used in quarter slices, so that its cast copy and gradient product stay small
+        part = _CAST_SLICE if (weight.dtype != product_dtype or need_weight) else step
+
+        def parts(v0, v1):
+            return [(a, min(a + part, v1)) for a in range(v0, v1, part)]
+
         with torch.autocast(device, enabled=False):
             for start in range(0, hidden.size(0), chunk_size):
                 h = hidden[start : start + chunk_size].to(product_dtype)  # (n, H)
@@ -134,7 +144,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 if low_precision:
                     logits = h.new_empty((h.size(0), vocab), dtype=logits_dtype)  # (n, V)
                     for v0, v1 in slices:
-                        logits[:, v0:v1] = F.linear(h, *head_slice(v0, v1))
+                        for a, b in parts(v0, v1):
+                            logits[:, a:b] = F.linear(h, *head_slice(a, b))  # (n, b - a)
                 else:
                     logits = F.linear(
                         h, weight.to(product_dtype), None if bias is None else bias.to(product_dtype)
@@ -166,11 +177,13 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 grad_h = torch.zeros_like(h, dtype=logits_dtype) if need_hidden else None  # (n, H)
                 for v0, v1 in slices:
                     g = probs[:, v0:v1].to(product_dtype)  # (n, v)
-                    if need_hidden:
-                        grad_h += g @ head_slice(v0, v1)[0]
-                    if need_weight:
-                        grad_weight[v0:v1] += g.t() @ h  # (v, H)
-                    del g
+                    for a, b in parts(v0, v1):
+                        g_part = g[:, a - v0 : b - v0]  # (n, b - a)
+                        if need_hidden:
+                            grad_h += g_part @ head_slice(a, b)[0]  # (n, H)
+                        if need_weight:
+                            grad_weight[a:b] += g_part.t() @ h  # (b - a, H)
+                    del g, g_part  # the view too: it would keep g's memory into the next chunk's logits
                 if need_hidden:
                     grad_hidden[start : start + chunk_size] = grad_h
                 del logits, probs  # before the next chunk's logits exist
