@@ -274,7 +274,9 @@ def test_loss_chunks_benchmark_quick():
     """benchmarks/loss_chunks.py --quick: three chunk sizes for a trained fp32 and a frozen bf16 head."""
     out = run([str(ROOT / "benchmarks" / "loss_chunks.py"), "--quick"], cwd=ROOT)
     rows = re.findall(
-        r"^\s+512\s+(fp32, trained|bf16, frozen)\s+\d+\s+(\d+)(?: \(auto\))? \|\s+([\d.]+)", out, re.M
+        r"^\s+512\s+(fp32, trained|bf16, frozen)\s+\d+\s+(?:\d+|-)\s+(\d+)(?: \(auto\))? \|\s+([\d.]+)",
+        out,
+        re.M,
     )
     assert len(rows) == 6, out
     assert {int(chunk) for _, chunk, _ in rows} == {16, 128, 1024}  # auto: ceil(512 / ceil(2048 / 64)) = 16
