@@ -36,7 +36,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
-from demo import DEMO_LR, DEMO_ROPE  # noqa: E402
+from demo import DEMO_LR, DEMO_ROPE, rope_options  # noqa: E402
 
 # name: (what it is, hf-longlora train keys that differ from LongLoRA's recipe)
 ROWS: dict[str, tuple[str, dict]] = {
@@ -75,6 +75,7 @@ def training_config(row: str, base: Path, corpus: list[Path], out: Path, args: a
         model=None,
         seed=seed,
         rope_method=args.rope_method,
+        rope_options=None,  # the demo's YaRN ramp for the demo's base
     )
     path = out / "train.yaml"
     write_train_config(path, str(base), corpus, out / "adapter", args.target, demo_args)
@@ -129,6 +130,7 @@ def train_full(model_args, corpus_args, longlora_args, training_args):
         model_args.model_name_or_path,
         context_length=longlora_args.context_length,
         rope_method=longlora_args.rope_method,
+        rope_options=longlora_args.rope_options,
         attn_implementation=model_args.attn_implementation or hf_longlora.S2_ATTENTION,
         s2_group_size_ratio=longlora_args.s2_group_size_ratio,
     )
@@ -308,14 +310,27 @@ def main() -> None:
     from demo import split_data
 
     data_args = Namespace(
-        data="pydoc", passkey_share=args.passkey_share, passkey_lengths=None, factor=args.factor, seed=0
+        data="mixed",
+        passkey_share=args.passkey_share,
+        passkey_lengths=None,
+        factor=args.factor,
+        seed=0,
+        heldout_files=4,
+        max_train_files=24,
     )
     corpus, heldout = split_data(data_args, out / "data", AutoTokenizer.from_pretrained(base), args.target)
 
     started = time.perf_counter()
     from hf_longlora.evaluation import ModelSpec
 
-    pi_spec = ModelSpec(str(base), label="pi", context_length=args.target, rope_method=args.rope_method)
+    demo_rope = Namespace(rope_options=None, rope_method=args.rope_method, model=None)
+    pi_spec = ModelSpec(
+        str(base),
+        label="pi",
+        context_length=args.target,
+        rope_method=args.rope_method,
+        rope_options=rope_options(demo_rope),
+    )
     references = evaluate([ModelSpec(str(base), label="base"), pi_spec], heldout, args, seed=0)
     ref, pi = references["base"], references["pi"]
     reference = {

@@ -35,11 +35,23 @@ from hf_longlora.data import passkey_documents
 from hf_longlora.evaluation import EvalSettings, ModelSpec, evaluate_models, format_table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from demo_base import CHECKPOINT, DEFAULTS, SETTINGS_FILE, build_base, pydoc_split  # noqa: E402
+from demo_base import (  # noqa: E402
+    CHECKPOINT,
+    CODE_HELD_OUT,
+    DEFAULTS,
+    SETTINGS_FILE,
+    build_base,
+    pydoc_split,
+    stdlib_split,
+)
 
 DEMO_ROPE = (
     "yarn"  # see "rope_method" in README's demo section: linear PI breaks the small base's digit copying
 )
+# YaRN's ramp in rotations over the original context. transformers' 32 / 1 keep the dimensions of wavelength below
+# 4096 / 32 = 128 tokens of a 4k-token Llama; for this 256-token base the same 128 tokens is beta_fast = 2
+# (with 32, all but the fastest two dimensions are interpolated and the base's retrieval breaks even at 256).
+DEMO_ROPE_OPTIONS = {"beta_fast": 2.0, "beta_slow": 1.0}
 DEMO_LR = 5e-4
 
 
@@ -70,34 +82,46 @@ def split_data(
 ) -> tuple[list[Path], list[str]]:
     """Training files and held-out documents.
 
-    pydoc: the base's training prose (in documents of 8,000 characters) mixed with passkey prompts of the native to
-    the target length (``--passkey-share`` of the documents' tokens, their keys from other seeds than the
-    evaluation's), shuffled; held out: the last 5% of the prose. stdlib: the standard library's longest files (the
-    last ``--heldout-files`` held out).
+    mixed (default): the base's training prose (pydoc, in documents of 8,000 characters) and the standard library's
+    training files (at most ``--max-train-files``), mixed with passkey prompts of the native to the target length
+    (``--passkey-share`` of all tokens, their keys from other seeds than the evaluation's), shuffled; held out: the
+    last ``--heldout-files`` long files of the standard library, which the base never saw. pydoc: the prose and
+    passkey prompts only, held out: the last 5% of the prose. stdlib: the standard library's files only.
     """
     import random
 
     data_dir.mkdir(parents=True, exist_ok=True)
-    if args.data == "pydoc":
-        train_text, heldout = pydoc_split()
+    if args.heldout_files > CODE_HELD_OUT:
+        raise SystemExit(f"--heldout-files must be <= {CODE_HELD_OUT} (the files the base never saw)")
+    train_code, heldout_code = stdlib_split()
+    heldout_code = heldout_code[-args.heldout_files :]
+    if args.data == "stdlib":
+        for i, doc in enumerate(train_code[: args.max_train_files]):
+            (data_dir / f"train_{i:03d}.txt").write_text(doc, encoding="utf-8")
+        return sorted(data_dir.glob("train_*.txt")), heldout_code
+    train_text, heldout_prose = pydoc_split()
+    documents = [train_text[i : i + 8000] for i in range(0, len(train_text), 8000)]
+    if args.data == "mixed":
+        documents += train_code[: args.max_train_files]
+    if args.passkey_share > 0:
+        tokens = sum(len(ids) for ids in tokenizer(documents, add_special_tokens=False)["input_ids"])
+        low, high = args.passkey_lengths or (target // args.factor, target)
+        count = round(args.passkey_share / (1 - args.passkey_share) * tokens / ((low + high) / 2))
         prose = [train_text[i : i + 8000] for i in range(0, len(train_text), 8000)]
-        documents = list(prose)
-        if args.passkey_share > 0:
-            prose_tokens = len(tokenizer(train_text, add_special_tokens=False)["input_ids"])
-            low, high = args.passkey_lengths or (target // args.factor, target)
-            count = round(args.passkey_share / (1 - args.passkey_share) * prose_tokens / ((low + high) / 2))
-            documents += passkey_documents(tokenizer, count, low, high, haystacks=prose, seed=args.seed + 7)
-        random.Random(args.seed).shuffle(documents)
-        path = data_dir / "train.jsonl"
-        path.write_text("".join(json.dumps({"text": d}) + "\n" for d in documents), encoding="utf-8")
-        return [path], [heldout]
-    from hf_longlora.data import stdlib_documents
+        documents += passkey_documents(tokenizer, count, low, high, haystacks=prose, seed=args.seed + 7)
+    random.Random(args.seed).shuffle(documents)
+    path = data_dir / "train.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in documents), encoding="utf-8")
+    return [path], [heldout_prose] if args.data == "pydoc" else heldout_code
 
-    documents = stdlib_documents()
-    train = documents[: -args.heldout_files][: args.max_train_files]
-    for i, doc in enumerate(train):
-        (data_dir / f"train_{i:03d}.txt").write_text(doc, encoding="utf-8")
-    return sorted(data_dir.glob("train_*.txt")), documents[-args.heldout_files :]
+
+def rope_options(args: argparse.Namespace) -> dict | None:
+    """``--rope-options``, or the demo's YaRN ramp when the demo's own base is extended with YaRN."""
+    if args.rope_options is not None:
+        return json.loads(args.rope_options) or None
+    if args.rope_method == "yarn" and args.model is None:
+        return DEMO_ROPE_OPTIONS
+    return None
 
 
 def write_train_config(
@@ -120,6 +144,7 @@ def write_train_config(
         "corpus": [str(p) for p in corpus],
         "context_length": target,
         "rope_method": args.rope_method,
+        **({"rope_options": rope_options(args)} if rope_options(args) else {}),
         "s2_group_size_ratio": 0.25,
         "output_dir": str(adapter),
         "max_steps": args.steps,
@@ -195,16 +220,17 @@ def main() -> None:
     parser.add_argument("--native", type=int, default=None, help="--rebuild-base: the base's native context")
     parser.add_argument(
         "--data",
-        choices=["pydoc", "stdlib"],
-        default="pydoc",
-        help="pydoc: pydoc_data/topics.py prose (5%% held out) and passkey prompts; stdlib: the standard "
-        "library's longest files (the last --heldout-files held out)",
+        choices=["mixed", "pydoc", "stdlib"],
+        default="mixed",
+        help="mixed: the base's prose, the standard library's files and passkey prompts, the last "
+        "--heldout-files files held out; pydoc: the prose (5%% held out) and passkey prompts; stdlib: the "
+        "standard library's files only",
     )
     parser.add_argument(
         "--passkey-share",
         type=float,
         default=0.3,
-        help="--data pydoc: share of the training tokens that are passkey prompts (0: prose only)",
+        help="--data mixed/pydoc: share of the training tokens that are passkey prompts (0: none)",
     )
     parser.add_argument(
         "--passkey-lengths",
@@ -212,10 +238,13 @@ def main() -> None:
         nargs=2,
         default=None,
         metavar=("MIN", "MAX"),
-        help="--data pydoc: token lengths of the training passkey prompts (default: native to target)",
+        help="--data mixed/pydoc: token lengths of the training passkey prompts (default: native to target)",
     )
     parser.add_argument(
-        "--heldout-files", type=int, default=8, help="--data stdlib: files held out for evaluation"
+        "--heldout-files",
+        type=int,
+        default=4,
+        help=f"files of the standard library held out for evaluation (at most {CODE_HELD_OUT}, the base's)",
     )
     parser.add_argument(
         "--lr",
@@ -235,8 +264,8 @@ def main() -> None:
     parser.add_argument(
         "--max-train-files",
         type=int,
-        default=None,
-        help="--data stdlib: use at most this many training files",
+        default=24,
+        help="--data mixed/stdlib: use at most this many of the standard library's training files",
     )
     parser.add_argument("--passkey-depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
     parser.add_argument(
@@ -255,6 +284,12 @@ def main() -> None:
         help=f"how RoPE is extended (default {DEMO_ROPE}): linear (position interpolation, the paper's), yarn, "
         "dynamic, ...",
     )
+    parser.add_argument(
+        "--rope-options",
+        default=None,
+        help=f"RoPE parameters of --rope-method as JSON (default with yarn on the demo's base: "
+        f"{json.dumps(DEMO_ROPE_OPTIONS)}; '{{}}': transformers' defaults)",
+    )
     parser.add_argument("--steps", type=int, default=150, help="LongLoRA steps at the extended context")
     parser.add_argument(
         "--max-windows",
@@ -267,6 +302,12 @@ def main() -> None:
     args = parser.parse_args()
     if not 0 <= args.passkey_share < 1:
         parser.error(f"--passkey-share must be in [0, 1), got {args.passkey_share}")
+    try:
+        from hf_longlora.adapters.context import check_rope_options
+
+        check_rope_options(args.rope_method, rope_options(args), "--rope-options")
+    except (ValueError, json.JSONDecodeError) as exc:
+        parser.error(str(exc))
     start = time.perf_counter()
     out = Path(args.out)
     from transformers import AutoConfig, AutoTokenizer
@@ -324,13 +365,24 @@ def main() -> None:
         extra={
             "data": "pydoc_data/topics.py, last 5% (held out)"
             if args.data == "pydoc"
-            else f"the standard library's {args.heldout_files} last long files (held out)"
+            else f"the standard library's {args.heldout_files} last long files (held out from the base too)"
         },
     )
     specs = [
         ModelSpec(base, label="base"),
-        # the RoPE extension alone (position interpolation by default)
-        ModelSpec(base, label="before", context_length=target, rope_method=args.rope_method),
+        # the RoPE extension alone: the demo's YaRN, and the paper's position interpolation
+        ModelSpec(
+            base,
+            label="before",
+            context_length=target,
+            rope_method=args.rope_method,
+            rope_options=rope_options(args),
+        ),
+        *(
+            [ModelSpec(base, label="pi_alone", context_length=target, rope_method="linear")]
+            if args.rope_method != "linear"
+            else []
+        ),
         *(ModelSpec(str(path), label=label) for label, (_, path) in runs.items()),
     ]
     if not args.skip_merged_eval:

@@ -6,8 +6,10 @@ pretraining it takes longer than the demo's 10 minutes. This script made that ch
 
 What it learns, at 256 tokens only (``max_position_embeddings=256``, RoPE as trained):
 
-- English prose about Python: ``pydoc_data/topics.py``, which ships with every CPython, without its last 5% (the
-  demo's held-out text);
+- English prose about Python: ``pydoc_data/topics.py``, which ships with every CPython, without its last 5%;
+- Python code: random windows of the standard library's long source files, without the last ``CODE_HELD_OUT``
+  (the demo's held-out text: code refers back to names defined far earlier, so a longer context has something
+  to find);
 - retrieval, as LLMs acquire it in pretraining from text that refers back: a share of the blocks are passkey
   prompts with their answer, the needle hidden in the filler sentences or in prose
   (:func:`hf_longlora.data.passkey_documents`), with keys from other seeds than the evaluation's.
@@ -44,12 +46,14 @@ DEFAULTS = {
     "heads": 4,
     "kv_heads": 2,
     "vocab": 2048,
-    "steps": 3000,
+    "steps": 3600,
     "batch": 16,
     "lr": 2e-3,
     "passkey_share": 0.5,
+    "code_share": 0.3,
     "seed": 0,
 }
+CODE_HELD_OUT = 8  # the standard library's last 8 long files are never trained on (the demo's held-out code)
 
 
 def pydoc_split() -> tuple[str, str]:
@@ -59,19 +63,39 @@ def pydoc_split() -> tuple[str, str]:
     return text[:split], text[split:]
 
 
+def stdlib_split() -> tuple[list[str], list[str]]:
+    """The standard library's long source files: (training files, the last ``CODE_HELD_OUT`` held out)."""
+    from hf_longlora.data import stdlib_documents
+
+    files = stdlib_documents()
+    return files[:-CODE_HELD_OUT], files[-CODE_HELD_OUT:]
+
+
 def native_bf16() -> bool:
     """bf16 autocast pays only where the CPU has native bf16 (AVX-512 BF16/AMX); elsewhere it is ~60x slower."""
     return torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX")
 
 
-def training_blocks(tokenizer, train_text: str, settings: dict) -> list[list[int]]:
-    """``steps * batch`` blocks of ``native`` tokens: prose blocks and packed passkey prompts, shuffled (seeded)."""
+def training_blocks(tokenizer, train_text: str, settings: dict, code: list[str] = ()) -> list[list[int]]:
+    """``steps * batch`` blocks of ``native`` tokens, shuffled (seeded).
+
+    A share ``passkey_share`` are packed passkey prompts, ``code_share`` are random windows of the standard
+    library's training files, the rest are prose blocks.
+    """
     native = settings["native"]
     rng = random.Random(settings["seed"])
     ids = tokenizer(train_text, add_special_tokens=False)["input_ids"]
     prose = [ids[i : i + native] for i in range(0, len(ids) - native + 1, native)]
     total = settings["steps"] * settings["batch"]
     n_passkey = round(settings["passkey_share"] * total)
+    n_code = round(settings["code_share"] * total) if code else 0
+    code_ids = [tokenizer(f, add_special_tokens=False)["input_ids"] for f in code]
+    code_ids = [f for f in code_ids if len(f) > native]
+    code_blocks = []
+    for _ in range(n_code):
+        f = code_ids[rng.randrange(len(code_ids))]
+        start = rng.randrange(len(f) - native + 1)
+        code_blocks.append(f[start : start + native])
     # passkey prompts of 48..native tokens, several packed (EOS-separated) into each block
     documents = passkey_documents(
         tokenizer,
@@ -85,7 +109,8 @@ def training_blocks(tokenizer, train_text: str, settings: dict) -> list[list[int
     for doc in documents:
         stream += tokenizer(doc, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     passkey = [stream[i : i + native] for i in range(0, len(stream) - native + 1, native)][:n_passkey]
-    blocks = passkey + [prose[rng.randrange(len(prose))] for _ in range(total - len(passkey))]
+    rest = total - len(passkey) - len(code_blocks)
+    blocks = passkey + code_blocks + [prose[rng.randrange(len(prose))] for _ in range(rest)]
     rng.shuffle(blocks)
     return blocks
 
@@ -96,8 +121,12 @@ def build_base(out: Path, settings: dict | None = None) -> Path:
     started = time.perf_counter()
     torch.manual_seed(settings["seed"])
     train_text, _ = pydoc_split()
-    tokenizer = train_bpe_tokenizer(chunks(train_text, 10_000), settings["vocab"], individual_digits=True)
-    blocks = training_blocks(tokenizer, train_text, settings)
+    code = stdlib_split()[0] if settings["code_share"] > 0 else []
+    code_text = "".join(code)[: len(train_text)]  # as much code as prose for the tokenizer's merges
+    tokenizer = train_bpe_tokenizer(
+        chunks(train_text, 10_000) + chunks(code_text, 10_000), settings["vocab"], individual_digits=True
+    )
+    blocks = training_blocks(tokenizer, train_text, settings, code)
     hidden = settings["hidden"]
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -117,7 +146,8 @@ def build_base(out: Path, settings: dict | None = None) -> Path:
     print(
         f"pretraining a {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M-parameter Llama from scratch at "
         f"{settings['native']} tokens: {settings['steps']} steps of {settings['batch']} blocks, "
-        f"{settings['passkey_share']:.0%} passkey prompts, {'bf16 autocast' if bf16 else 'fp32'}"
+        f"{settings['passkey_share']:.0%} passkey prompts, {settings['code_share']:.0%} code, "
+        f"{'bf16 autocast' if bf16 else 'fp32'}"
     )
     work = out.with_name(out.name + ".building")
     shutil.rmtree(work, ignore_errors=True)

@@ -11,6 +11,7 @@ hf-longlora data longalpaca-sample --out FILE.jsonl [--records N] [--length L] [
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 # the dtype names every subcommand accepts (hf_longlora.adapters.loading.DTYPE_NAMES; kept here so --help imports
@@ -93,12 +94,22 @@ def _push(args: argparse.Namespace) -> int:
     return 0
 
 
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {text!r} ({exc})") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
+    return value
+
+
 class _ModelAction(argparse.Action):
     """``--model`` appends a model; the ``--context-length`` and ``--rope-method`` after it apply to it alone."""
 
     def __call__(self, parser, namespace, values, option_string=None):
         models = list(getattr(namespace, self.dest, None) or [])
-        models.append({"spec": values, "context_length": None, "rope_method": None})
+        models.append({"spec": values, "context_length": None, "rope_method": None, "rope_options": None})
         setattr(namespace, self.dest, models)
 
 
@@ -117,17 +128,20 @@ def _model_spec(entry: dict, base: str | None):
     label, sep, path = entry["spec"].partition("=")
     if not sep:
         label, path = None, entry["spec"]
-    if entry["context_length"] is not None and is_adapter_dir(path):
+    if (entry["context_length"] is not None or entry["rope_options"]) and is_adapter_dir(path):
         raise ValueError(
-            f"--context-length after --model {entry['spec']}: an adapter restores the context it was trained at; "
-            "give --context-length to a plain model (position interpolation alone)"
+            f"--context-length / --rope-options after --model {entry['spec']}: an adapter restores the context it "
+            "was trained at; give them to a plain model (position interpolation alone)"
         )
+    if entry["rope_options"] and entry["context_length"] is None:
+        raise ValueError(f"--rope-options after --model {entry['spec']} needs --context-length after it too")
     return ModelSpec(
         path,
         label=label,
         base=base,
         context_length=entry["context_length"],
         rope_method=entry["rope_method"] or "linear",
+        rope_options=entry["rope_options"],
     )
 
 
@@ -224,6 +238,14 @@ def _add_eval_parser(sub) -> None:
         action=_PerModelAction,
         default=None,
         help="how --context-length extends the --model before it (default linear: position interpolation)",
+    )
+    ev.add_argument(
+        "--rope-options",
+        type=_json_object,
+        action=_PerModelAction,
+        default=None,
+        help='with --context-length: the method\'s RoPE parameters as JSON, e.g. \'{"beta_fast": 4, "beta_slow": 1}\' '
+        "for yarn",
     )
     ev.add_argument(
         "--data",

@@ -159,6 +159,67 @@ def test_extend_context_yarn_and_dynamic():
         extend_context(config, 2048, method="ntk")
 
 
+def test_extend_context_yarn_rope_options_set_the_ramp():
+    """YaRN's beta_fast / beta_slow count rotations over the original context: with beta_fast=4 every dimension
+    that turns more than 4 times in 256 tokens keeps its frequency, beta_slow=1 interpolates every one that turns
+    less than once, and transformers' defaults (32 / 1) keep almost nothing of a 256-token model."""
+    original = tiny_config("llama", max_position_embeddings=256, hidden_size=128, num_attention_heads=2)
+    inv_freq = 1.0 / 10000.0 ** (torch.arange(0, 64, 2, dtype=torch.float64) / 64)  # (32,) head_dim 64
+    rotations = 256 * inv_freq / (2 * math.pi)
+    for options, fast, slow in (({"beta_fast": 4.0, "beta_slow": 1.0}, 4, 1), ({}, 32, 1)):
+        config = tiny_config("llama", max_position_embeddings=256, hidden_size=128, num_attention_heads=2)
+        params = extend_context(config, 1024, method="yarn", rope_options=options)
+        assert {k: params[k] for k in options} == options
+        model = AutoModelForCausalLM.from_config(config)
+        got = model.model.rotary_emb.inv_freq.double()
+        kept, interpolated = rotations > fast + 1, rotations < slow - 0.01  # clear of the ramp's rounding
+        assert kept.any() and interpolated.any()
+        torch.testing.assert_close(got[kept], inv_freq[kept], rtol=1e-6, atol=0)
+        torch.testing.assert_close(got[interpolated], inv_freq[interpolated] / 4, rtol=1e-6, atol=0)
+        if options:
+            assert int(kept.sum()) >= 8  # with the defaults only the fastest 1-2 dimensions would be kept
+    assert original.rope_parameters.get("rope_type", "default") == "default"  # a fresh config each time
+
+
+def test_extend_context_rope_options_are_checked_before_anything_changes():
+    config = tiny_config("llama", max_position_embeddings=256)
+    before = dict(config.rope_parameters)
+    bad = [
+        ("linear", {"beta_fast": 4}, r"rope_options: \['beta_fast'\] not allowed with rope_method='linear'"),
+        ("yarn", {"beta_fast": 4, "alpha": 1}, r"\['alpha'\] not allowed .* allowed: \['beta_fast'"),
+        ("yarn", {"beta_fast": -1}, r"rope_options\['beta_fast'\] must be a positive number, got -1"),
+        ("yarn", {"beta_fast": True}, "must be a positive number, got True"),
+        ("yarn", {"truncate": 1}, r"rope_options\['truncate'\] must be a bool"),
+        ("yarn", {"beta_fast": 1, "beta_slow": 2}, r"beta_slow \(2\) must be below beta_fast \(1\)"),
+        ("yarn", ["beta_fast"], "rope_options must be a dict"),
+    ]
+    for method, options, message in bad:
+        with pytest.raises(ValueError, match=message):
+            extend_context(config, 1024, method=method, rope_options=options)
+    with pytest.raises(ValueError, match="rope_options given but target_length=256 does not extend"):
+        extend_context(config, 256, method="yarn", rope_options={"beta_fast": 4})
+    assert config.rope_parameters == before and config.max_position_embeddings == 256
+    with pytest.raises(ValueError, match="rope_options needs context_length"):
+        hf_longlora.load_model("unused", rope_method="yarn", rope_options={"beta_fast": 4})
+
+
+def test_yarn_rope_options_travel_with_the_adapter(tmp_path):
+    model = base_model(attn="sdpa", max_position_embeddings=64)
+    extend_context(model, 256, method="yarn", rope_options={"beta_fast": 4.0, "beta_slow": 1.0})
+    peft_model = get_longlora_model(model)
+    ids = train_a_little(peft_model, length=200)
+    with torch.no_grad():
+        want = peft_model(ids).logits
+    base_dir = tmp_path / "base"
+    base_model(attn="sdpa", max_position_embeddings=64).save_pretrained(base_dir)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    loaded = load_adapter(str(base_dir), str(tmp_path / "adapter"), attn_implementation="sdpa")
+    params = loaded.get_base_model().config.rope_parameters
+    assert (params["rope_type"], params["beta_fast"], params["beta_slow"]) == ("yarn", 4.0, 1.0)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, want, atol=1e-5, rtol=0)
+
+
 def test_extend_context_on_a_model_rebuilds_rotary_embeddings():
     model = base_model(attn="sdpa", max_position_embeddings=64).eval()
     extend_context(model, 256)

@@ -361,14 +361,25 @@ def test_eval_context_length_belongs_to_the_model_before_it(tmp_path):
     parser = cli.build_parser()
     args = parser.parse_args(
         ["eval", "--model", "a=m", "--model", "b=m", "--context-length", "256", "--rope-method", "yarn",
+         "--rope-options", '{"beta_fast": 2, "beta_slow": 1}',
          "--model", "c=m", "--context-length", "512", "--data", "stdlib", "--lengths", "64"]
     )  # fmt: skip
     specs = [cli._model_spec(m, None) for m in args.model]
-    assert [(s.label, s.context_length, s.rope_method) for s in specs] == [
-        ("a", None, "linear"),
-        ("b", 256, "yarn"),
-        ("c", 512, "linear"),
+    assert [(s.label, s.context_length, s.rope_method, s.rope_options) for s in specs] == [
+        ("a", None, "linear", None),
+        ("b", 256, "yarn", {"beta_fast": 2, "beta_slow": 1}),
+        ("c", 512, "linear", None),
     ]
+    for bad, message in (
+        ({"spec": "m", "context_length": None, "rope_method": "yarn", "rope_options": {"beta_fast": 2}},
+         "needs --context-length"),
+        ({"spec": "m", "context_length": 256, "rope_method": None, "rope_options": {"beta_fast": 2}},
+         r"\['beta_fast'\] not allowed with rope_method='linear'"),
+    ):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            cli._model_spec(bad, None)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["eval", "--model", "m", "--rope-options", "[1]", "--data", "x", "--lengths", "64"])
     with pytest.raises(SystemExit):
         parser.parse_args(
             ["eval", "--context-length", "256", "--model", "m", "--data", "x", "--lengths", "64"]
@@ -376,7 +387,7 @@ def test_eval_context_length_belongs_to_the_model_before_it(tmp_path):
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text("{}")
-    entry = {"spec": f"ll={adapter}", "context_length": 256, "rope_method": None}
+    entry = {"spec": f"ll={adapter}", "context_length": 256, "rope_method": None, "rope_options": None}
     with pytest.raises(ValueError, match="an adapter restores the context it was trained at"):
         cli._model_spec(entry, None)
 

@@ -38,7 +38,7 @@ def test_demo_in_a_tiny_configuration(tmp_path):
     out = run(args, cwd=tmp_path)
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert (summary["native_context"], summary["target_context"]) == (64, 256)
-    labels = {"base", "before", "after", "after_full_attention", "merged"}
+    labels = {"base", "before", "pi_alone", "after", "after_full_attention", "merged"}
     assert set(summary["perplexity"]) == labels and set(summary["passkey"]) == labels
     for label in labels:
         assert set(summary["perplexity"][label]) == {"64", "128", "256"}
@@ -56,14 +56,48 @@ def test_demo_in_a_tiny_configuration(tmp_path):
     for png in ("perplexity.png", "passkey_before.png", "passkey_after.png"):
         assert (demo / "eval" / png).read_bytes()[:4] == b"\x89PNG", png
     assert "| 256 |" in (demo / "adapter" / "README.md").read_text()  # the card's before/after table
+    rope = json.loads((demo / "adapter" / "adapter_config.json").read_text())["rope_parameters"]
+    assert (rope["rope_type"], rope["beta_fast"], rope["beta_slow"]) == ("yarn", 2.0, 1.0)  # the demo's ramp
     assert "perplexity at 256 tokens (4x native)" in out
     assert re.search(r"\[(met|MISSED)\] after LongLoRA: passkey@256 >= 90%", out)
     corpus = (demo / "data" / "train.jsonl").read_text().splitlines()
     assert sum("The pass key is" in line for line in corpus) > 0  # retrieval stays in the fine-tuning data
+    assert sum("def " in line for line in corpus) > 0  # and the standard library's code (--data mixed)
 
     # a second run reuses the rebuilt base (same base settings; a lighter LongLoRA stage and evaluation)
     out = run(args + ["--steps", "1", "--skip-merged-eval", "--no-full-attention-run"], cwd=tmp_path)
     assert "base model: reusing" in out
+
+
+def test_demo_base_blocks_mix_prose_code_and_passkey_prompts():
+    """examples/demo_base.py's pretraining data: the shares of code windows and passkey blocks, none held out."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    from demo_base import CODE_HELD_OUT, pydoc_split, stdlib_split, training_blocks
+
+    from hf_longlora.data import train_bpe_tokenizer
+    from hf_longlora.data.tokenizer import chunks
+
+    prose, _ = pydoc_split()
+    prose = prose[:40_000]
+    train_code, heldout_code = stdlib_split()
+    assert len(heldout_code) == CODE_HELD_OUT and not set(heldout_code) & set(train_code)
+    code = train_code[:3]
+    tokenizer = train_bpe_tokenizer(
+        chunks(prose, 10_000) + chunks(code[0], 10_000), 400, individual_digits=True
+    )
+    settings = {"native": 64, "steps": 10, "batch": 4, "passkey_share": 0.25, "code_share": 0.5, "seed": 0}
+    blocks = training_blocks(tokenizer, prose, settings, code)
+    assert len(blocks) == 40 and all(len(b) == 64 for b in blocks)
+    texts = [tokenizer.decode(b) for b in blocks]
+    code_text = "".join(code)
+    from_code = [t for t in texts if t in code_text]
+    assert len(from_code) == 20, len(from_code)  # windows of the training files, anywhere in them
+    from_prose = [t for t in texts if t in prose]
+    assert len(from_prose) == 10, len(from_prose)
+    assert (
+        sum("pass key" in t for t in texts if t not in from_code + from_prose) >= 5
+    )  # the other 10: passkey
+    assert blocks == training_blocks(tokenizer, prose, settings, code)  # seeded
 
 
 def test_committed_demo_base_retrieves_at_its_context_only():
@@ -105,7 +139,7 @@ def test_demo_on_a_given_model_and_stdlib_data(tmp_path):
     assert "native context 128 tokens" in out
     summary = json.loads((tmp_path / "d" / "summary.json").read_text())
     assert (summary["native_context"], summary["target_context"]) == (128, 256)
-    assert set(summary["perplexity"]) == {"base", "before", "after"}
+    assert set(summary["perplexity"]) == {"base", "before", "pi_alone", "after"}
     assert set(summary["perplexity"]["after"]) == {"128", "256"}
     assert len(list((tmp_path / "d" / "data").glob("train_*.txt"))) == 2
 

@@ -109,6 +109,12 @@ def test_pack_documents_joins_with_eos_and_restarts_positions():
         ({"context_length": 32}, "shorter than the model's current context of 64"),
         ({"rope_method": "ntk"}, "rope_method must be one of"),
         ({"s2_group_size_ratio": 2.0}, "s2_group_size_ratio must be a float in"),
+        ({"rope_options": {"beta_fast": 4}}, "\\['beta_fast'\\] not allowed with rope_method='linear'"),
+        ({"rope_method": "yarn", "rope_options": "{beta_fast: 4}"}, "rope_options must be a JSON object"),
+        (
+            {"rope_method": "yarn", "context_length": 256, "rope_options": {"beta_fast": 0}},
+            "rope_options\\['beta_fast'\\] must be a positive number",
+        ),
     ],
 )
 def test_train_bad_config_fails_before_loading(
@@ -624,6 +630,21 @@ def test_recipe_scaled_to_the_model(tmp_path):
         and longlora.s2_group_size is None
         and (args.warmup_steps, args.learning_rate) == (5, 3e-4)
     )
+
+
+def test_rope_options_from_a_yaml_dict_or_a_json_flag(tmp_path):
+    from hf_longlora.training import LongLoraArguments
+
+    base = {"model_name_or_path": "m", "rope_method": "yarn", "context_length": 1024}
+    for config, flags in (
+        ({**base, "rope_options": {"beta_fast": 2, "beta_slow": 1}}, []),
+        (base, ["--rope_options", '{"beta_fast": 2, "beta_slow": 1}']),
+    ):
+        argv = ["--config", str(write_yaml(tmp_path / "c.yaml", config)), *flags]
+        parsed = cli.training_parser("train", cli._explicit_keys(argv)).parse_args_and_config(argv)
+        longlora = next(a for a in parsed if isinstance(a, LongLoraArguments))
+        assert longlora.rope_options == {"beta_fast": 2, "beta_slow": 1}
+    assert LongLoraArguments(rope_method="yarn", rope_options="").rope_options is None
 
 
 def test_explicit_keys_come_from_the_config_and_the_flags(tmp_path):

@@ -12,12 +12,44 @@ compounding it.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from transformers import PreTrainedConfig
 
 ROPE_METHODS = ("linear", "yarn", "dynamic")
+# transformers' optional ``rope_parameters`` per method that ``rope_options`` may set
+ROPE_OPTIONS: dict[str, tuple[str, ...]] = {
+    "linear": (),
+    "dynamic": (),
+    "yarn": ("beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate"),
+}
+
+
+def check_rope_options(method: str, options: Mapping[str, Any] | None, name: str = "rope_options") -> dict:
+    """``options`` as a dict, checked against the optional RoPE parameters of ``method`` (before any work)."""
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise ValueError(f"{name} must be a dict of RoPE parameters, got {type(options).__name__}")
+    allowed = ROPE_OPTIONS.get(method, ())
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"{name}: {unknown} not allowed with rope_method={method!r}; allowed: {list(allowed) or 'none'}"
+        )
+    for key, value in options.items():
+        if key == "truncate":
+            if not isinstance(value, bool):
+                raise ValueError(f"{name}[{key!r}] must be a bool, got {value!r}")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ValueError(f"{name}[{key!r}] must be a positive number, got {value!r}")
+    if "beta_fast" in options and "beta_slow" in options and options["beta_slow"] >= options["beta_fast"]:
+        raise ValueError(
+            f"{name}: beta_slow ({options['beta_slow']}) must be below beta_fast ({options['beta_fast']})"
+        )
+    return dict(options)
 
 
 def _config_of(model_or_config) -> tuple[PreTrainedConfig, torch.nn.Module | None]:
@@ -52,8 +84,15 @@ def context_length(model_or_config) -> int:
     return int(getattr(config, "longlora_context_length", None) or config.max_position_embeddings)
 
 
-def rope_parameters_for(method: str, original_length: int, target_length: int, base: dict[str, Any]) -> dict:
-    """The ``rope_parameters`` dict for extending ``original_length`` to ``target_length``."""
+def rope_parameters_for(
+    method: str,
+    original_length: int,
+    target_length: int,
+    base: dict[str, Any],
+    options: Mapping[str, Any] | None = None,
+) -> dict:
+    """The ``rope_parameters`` dict for extending ``original_length`` to ``target_length`` (plus ``options``)."""
+    options = check_rope_options(method, options)
     theta = base.get("rope_theta")
     params: dict[str, Any] = {"rope_theta": theta} if theta is not None else {}
     if "partial_rotary_factor" in base:
@@ -70,10 +109,16 @@ def rope_parameters_for(method: str, original_length: int, target_length: int, b
         )
     else:
         raise ValueError(f"rope_method must be one of {ROPE_METHODS}, got {method!r}")
+    params.update(options)
     return params
 
 
-def extend_context(model_or_config, target_length: int, method: str = "linear") -> dict[str, Any]:
+def extend_context(
+    model_or_config,
+    target_length: int,
+    method: str = "linear",
+    rope_options: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """Set the RoPE parameters so the model handles ``target_length`` tokens.
 
     Args:
@@ -83,19 +128,24 @@ def extend_context(model_or_config, target_length: int, method: str = "linear") 
         method: "linear" (position interpolation, LongLoRA's choice: ``factor = ceil(target / original)``),
             "yarn" (``factor = target / original``) or "dynamic" (dynamic NTK; ``max_position_embeddings`` stays
             at the original length because dynamic NTK scales from there as sequences grow).
+        rope_options: optional RoPE parameters of the method, as transformers names them (``ROPE_OPTIONS``);
+            for "yarn": ``beta_fast`` / ``beta_slow`` (the ramp between the dimensions kept as they are and the
+            interpolated ones, in rotations over the original context; transformers' defaults 32 / 1 suit a
+            4k-token model), ``attention_factor``, ``mscale``, ``mscale_all_dim``, ``truncate``.
 
     Returns:
         The new ``rope_parameters``.
 
     Raises:
-        ValueError: an unknown method, a target shorter than the current context, or a model whose RoPE is
-            already scaled by something other than :func:`extend_context` (e.g. Llama 3.1's "llama3").
+        ValueError: an unknown method or option, a target shorter than the current context, or a model whose
+            RoPE is already scaled by something other than :func:`extend_context` (e.g. Llama 3.1's "llama3").
 
     Calling it again with the same target changes nothing; with a larger target the factor is recomputed from
     the original length (it never compounds).
     """
     if method not in ROPE_METHODS:
         raise ValueError(f"method must be one of {ROPE_METHODS}, got {method!r}")
+    options = check_rope_options(method, rope_options)
     if isinstance(target_length, bool) or not isinstance(target_length, int) or target_length < 1:
         raise ValueError(f"target_length must be a positive int, got {target_length!r}")
     top_config, model = _config_of(model_or_config)
@@ -121,12 +171,16 @@ def extend_context(model_or_config, target_length: int, method: str = "linear") 
             f"target_length={target_length} is shorter than the model's current context of {current} tokens; "
             "extend_context only extends"
         )
-    if target_length == current and extended_before and current_params.get("rope_type") == method:
-        return current_params  # idempotent
     if target_length <= original:
+        if options:
+            raise ValueError(
+                f"rope_options given but target_length={target_length} does not extend the model's "
+                f"{original} tokens"
+            )
         return current_params  # nothing to extend
-
-    params = rope_parameters_for(method, original, target_length, current_params)
+    params = rope_parameters_for(method, original, target_length, current_params, options)
+    if target_length == current and extended_before and params == current_params:
+        return current_params  # idempotent
     config.rope_parameters = params
     config.original_max_position_embeddings = original
     config.longlora_context_length = target_length

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from ..attention import S2_ATTENTION, configure_s2, register_s2_attention
-from .context import ROPE_METHODS, extend_context
+from .context import ROPE_METHODS, check_rope_options, extend_context
 from .smollm2 import resolve_model_path
 
 # kwargs of from_pretrained that locate or read the checkpoint, so the config must be read with them too
@@ -78,6 +78,7 @@ def load_model(
     *,
     context_length: int | None = None,
     rope_method: str = "linear",
+    rope_options: dict[str, Any] | None = None,
     load_in_4bit: bool = False,
     attn_implementation: str = S2_ATTENTION,
     activation_checkpointing: bool = True,
@@ -93,6 +94,8 @@ def load_model(
         context_length: extend the context to this many tokens with :func:`hf_longlora.extend_context`
             (applied to the config before the weights load, so the rotary embeddings are built for it).
         rope_method: "linear" (position interpolation, the paper), "yarn" or "dynamic".
+        rope_options: optional RoPE parameters of the method (YaRN's ``beta_fast`` / ``beta_slow`` ...), see
+            :func:`hf_longlora.extend_context`.
         load_in_4bit: QLoRA: NF4 weights with double quantisation and bf16 compute through bitsandbytes, then
             ``peft.prepare_model_for_kbit_training``.
         attn_implementation: "s2_attention" (default) or any transformers backend.
@@ -109,6 +112,9 @@ def load_model(
     """
     if rope_method not in ROPE_METHODS:
         raise ValueError(f"rope_method must be one of {ROPE_METHODS}, got {rope_method!r}")
+    check_rope_options(rope_method, rope_options)
+    if rope_options and context_length is None:
+        raise ValueError("rope_options needs context_length (the options shape the extension to that length)")
     if context_length is not None and (
         isinstance(context_length, bool) or not isinstance(context_length, int)
     ):
@@ -134,7 +140,7 @@ def load_model(
     if s2_knobs:
         configure_s2(config, **s2_knobs)
     if context_length is not None:
-        extend_context(config, context_length, rope_method)
+        extend_context(config, context_length, rope_method, rope_options)
     if quantization_config is not None:
         from_pretrained_kwargs["quantization_config"] = quantization_config
         from_pretrained_kwargs.setdefault("dtype", torch.bfloat16)

@@ -60,6 +60,7 @@ def load_for_evaluation(
     base: str | None = None,
     context_length: int | None = None,
     rope_method: str = "linear",
+    rope_options: dict | None = None,
     dtype: torch.dtype | None = None,
 ) -> EvalModel:
     """Load ``path`` for evaluation with full attention.
@@ -70,7 +71,8 @@ def load_for_evaluation(
             adapter) with the context extension it was trained with.
         base: the base model of an adapter.
         context_length: for a model (not an adapter), extend its context to this many tokens first with
-            ``rope_method`` (position interpolation by default): "position interpolation alone" baselines.
+            ``rope_method`` (position interpolation by default) and ``rope_options``: "position interpolation
+            alone" baselines.
         dtype: weights dtype (default: the checkpoint's).
     """
     from ..adapters.config import LongLoraConfig
@@ -78,9 +80,9 @@ def load_for_evaluation(
 
     kwargs = {"dtype": dtype} if dtype is not None else {}
     if is_adapter_dir(path):
-        if context_length is not None:
+        if context_length is not None or rope_options:
             raise ValueError(
-                "context_length applies to a model, not to an adapter (the adapter restores the extension it "
+                "context_length and rope_options apply to a model, not to an adapter (the adapter restores the extension it "
                 "was trained with)"
             )
         adapter_config = LongLoraConfig.from_pretrained(path)
@@ -93,8 +95,10 @@ def load_for_evaluation(
     else:
         resolved = resolve_model_path(path)
         config = AutoConfig.from_pretrained(resolved)
+        if rope_options and context_length is None:
+            raise ValueError("rope_options needs context_length (the extension they shape)")
         if context_length is not None:
-            extend_context(config, context_length, rope_method)
+            extend_context(config, context_length, rope_method, rope_options)
         model = AutoModelForCausalLM.from_pretrained(
             resolved, config=config, attn_implementation="sdpa", **kwargs
         )

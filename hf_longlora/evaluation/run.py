@@ -41,6 +41,18 @@ class ModelSpec:
     base: str | None = None  # an adapter's base (default: recorded in the adapter)
     context_length: int | None = None  # extend a model (not an adapter) to this context first
     rope_method: str = "linear"  # how context_length extends it (position interpolation by default)
+    rope_options: dict | None = None  # the method's optional RoPE parameters (extend_context's rope_options)
+
+    def __post_init__(self) -> None:  # checked when the spec is made, before any model of a comparison loads
+        from ..adapters.context import ROPE_METHODS, check_rope_options
+
+        if self.rope_method not in ROPE_METHODS:
+            raise ValueError(f"ModelSpec.rope_method must be one of {ROPE_METHODS}, got {self.rope_method!r}")
+        self.rope_options = (
+            check_rope_options(self.rope_method, self.rope_options, "ModelSpec.rope_options") or None
+        )
+        if self.rope_options and self.context_length is None:
+            raise ValueError("ModelSpec.rope_options needs context_length (the extension they shape)")
 
 
 @dataclass
@@ -194,6 +206,7 @@ def evaluate_models(
             base=spec.base,
             context_length=spec.context_length,
             rope_method=spec.rope_method,
+            rope_options=spec.rope_options,
             dtype=settings.dtype,
         )
         tokenizer = loaded.tokenizer

@@ -6,10 +6,11 @@ They validate their own values; they know nothing of models, trainers or the rec
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 
-from ..adapters.context import ROPE_METHODS
+from ..adapters.context import ROPE_METHODS, check_rope_options
 from ..attention.settings import S2Settings
 
 OVERLONG_POLICIES = ("drop", "truncate")
@@ -34,6 +35,14 @@ class LongLoraArguments:
         metadata={"help": "Target context length in tokens (extends RoPE when above the model's)."},
     )
     rope_method: str = field(default="linear", metadata={"help": f"RoPE extension: one of {ROPE_METHODS}."})
+    rope_options: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Optional RoPE parameters of the method, a dict (YAML) or JSON string, e.g. "
+            '\'{"beta_fast": 4, "beta_slow": 1}\' for yarn: the ramp between kept and interpolated dimensions, in '
+            "rotations over the original context (transformers' 32 / 1 suit 4k-token models)."
+        },
+    )
     s2_group_size_ratio: float = field(
         default=0.25, metadata={"help": "S2-Attn group size as a fraction of L."}
     )
@@ -108,6 +117,14 @@ class LongLoraArguments:
             raise ValueError("ruler_lengths is set but ruler_tasks is empty: name the RULER tasks to run")
         if self.rope_method not in ROPE_METHODS:
             raise ValueError(f"rope_method must be one of {ROPE_METHODS}, got {self.rope_method!r}")
+        if isinstance(self.rope_options, str):
+            try:
+                self.rope_options = json.loads(self.rope_options) if self.rope_options.strip() else None
+            except json.JSONDecodeError as exc:
+                raise ValueError(
+                    f"rope_options must be a JSON object, got {self.rope_options!r} ({exc})"
+                ) from exc
+        self.rope_options = check_rope_options(self.rope_method, self.rope_options) or None
         if self.context_length is not None and self.context_length < 2:
             raise ValueError(f"context_length must be >= 2, got {self.context_length}")
         S2Settings(self.s2_group_size_ratio, self.s2_group_size, self.s2_shift)  # validates the knobs

@@ -77,7 +77,7 @@ def check_context_extension(
             f"({str(exc).splitlines()[0]})"
         ) from exc
     target = longlora_args.context_length or config.get_text_config().max_position_embeddings
-    extend_context(copy.deepcopy(config), target, longlora_args.rope_method)
+    extend_context(copy.deepcopy(config), target, longlora_args.rope_method, longlora_args.rope_options)
     return target
 
 

@@ -51,6 +51,7 @@ def load_for_training(model_args, longlora_args: LongLoraArguments, training_arg
         model_args.model_name_or_path,
         context_length=target,
         rope_method=longlora_args.rope_method,
+        rope_options=longlora_args.rope_options,
         load_in_4bit=model_args.load_in_4bit,
         attn_implementation=model_args.attn_implementation or S2_ATTENTION,
         activation_checkpointing=bool(
