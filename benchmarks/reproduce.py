@@ -1,10 +1,11 @@
 """The LongLoRA paper in miniature: its ablations on the demo's base, several seeds, results in docs/reproduction.md.
 
 Every row fine-tunes the demo's base (``examples/demo_base``: 3.9M parameters, native context 256) to ``--factor``
-times its context with position interpolation, on the demo's training data (pydoc prose and passkey prompts), for
-``--steps`` steps of one block, through ``hf-longlora train`` (full fine-tuning: the same loading, data and trainer
-without the adapter). Every row is evaluated with full attention on the demo's held-out prose: perplexity at 1x, 2x
-and the target, passkey at the target. Rows (the paper's table and figure in brackets):
+times its context with the demo's RoPE extension, on the demo's training data (standard-library code, pydoc prose
+and passkey prompts), for ``--steps`` steps of one block, through ``hf-longlora train`` (full fine-tuning: the same
+loading, data and trainer without the adapter). Every row is evaluated with full attention on the demo's 4
+held-out standard-library files: perplexity at 1x, 2x and the target, passkey at the target. Rows (the paper's
+table and figure in brackets):
 
 - Table 2, what is trained: LoRA r=8 on q/k/v/o alone; + norms; + embeddings; + both (LongLoRA); full fine-tuning;
 - Table 6, attention during fine-tuning: S2-Attn (our causal partition); the paper's roll; short attention without

@@ -1,16 +1,19 @@
 """`make demo`: the whole LongLoRA job on a small Llama, offline, on CPU, in a few minutes.
 
-1. Base model: a 3.9M-parameter Llama pretrained from scratch at a native context of 256 tokens on prose that ships
-   with every Python (``pydoc_data/topics.py``, the last 5% held out) and on passkey prompts, so it retrieves at 256
-   tokens; it does not at 1,024. It ships as a checkpoint (``examples/demo_base/``) made by
-   ``examples/demo_base.py``; ``--rebuild-base`` makes it again (fixed seeds; 47 minutes on our 2-core AVX-512 machine).
-2. LongLoRA: ``hf-longlora train`` (the CLI, in process) extends the context ``--factor`` times (4x) with position
-   interpolation and trains LoRA on q/k/v/o plus the embeddings and norms with S2-Attn on blocks of the target
-   length, on the training prose and passkey prompts of up to the target length.
+1. Base model: a 3.9M-parameter Llama pretrained from scratch at a native context of 256 tokens on what ships with
+   every Python: the standard library's source files (the last 8 long ones held out), pydoc's prose and passkey
+   prompts, so it retrieves at 256 tokens; it does not at 1,024. It ships as a checkpoint (``examples/demo_base/``)
+   made by ``examples/demo_base.py``; ``--rebuild-base`` makes it again (fixed seeds; 18 minutes on our 2-core
+   AVX-512 machine).
+2. LongLoRA: ``hf-longlora train`` (the CLI, in process) extends the context ``--factor`` times (4x) with YaRN
+   (its ramp fitted to a 256-token model, ``DEMO_ROPE_OPTIONS``) and trains LoRA on q/k/v/o plus the embeddings and
+   norms with S2-Attn on blocks of the target length, on code, prose and passkey prompts of up to the target
+   length.
 3. The same run with full attention instead of S2-Attn (``attn_implementation: sdpa``), for comparison.
-4. Evaluation (``hf_longlora.evaluation``, full attention): perplexity at 1x, 2x and 4x the native context on the
-   held-out prose, and passkey retrieval at 1x and 4x, for the base, the base with position interpolation alone
-   ("before"), the two LongLoRA adapters and the merged model; forgetting at 1x.
+4. Evaluation (``hf_longlora.evaluation``, full attention): perplexity at 1x, 2x and 4x the native context on 4
+   held-out standard-library files, and passkey retrieval at 1x and 4x, for the base, the base with the RoPE
+   extension alone ("before"; "pi_alone": linear position interpolation), the two LongLoRA adapters and the merged
+   model; forgetting at 1x.
 5. Saves the adapter (``<out>/adapter``, with a model card), the merged model (``<out>/merged``), the plots and
    ``<out>/summary.json``, and prints the table and whether each goal of the demo was met.
 
