@@ -17,7 +17,7 @@ table and figure in brackets):
 Outputs: ``<out>/results.json`` (every run), ``<out>/table.md`` (mean and standard deviation over seeds),
 ``<out>/perplexity.png`` (perplexity against length per row) and ``<out>/learning_vs_forgetting.png``.
 
-    python benchmarks/reproduce.py                 # 3 seeds, 4x, all rows (about 45 minutes on 2 cores)
+    python benchmarks/reproduce.py                 # 3 seeds, 4x, all rows (28 minutes on 2 cores)
     python benchmarks/reproduce.py --quick         # 1 seed, 2 rows, a few steps (CI smoke test)
 """
 

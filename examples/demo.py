@@ -3,7 +3,7 @@
 1. Base model: a 3.9M-parameter Llama pretrained from scratch at a native context of 256 tokens on what ships with
    every Python: the standard library's source files (the last 8 long ones held out), pydoc's prose and passkey
    prompts, so it retrieves at 256 tokens; it does not at 1,024. It ships as a checkpoint (``examples/demo_base/``)
-   made by ``examples/demo_base.py``; ``--rebuild-base`` makes it again (fixed seeds; 18 minutes on our 2-core
+   made by ``examples/demo_base.py``; ``--rebuild-base`` makes it again (fixed seeds; 32 minutes on our 2-core
    AVX-512 machine).
 2. LongLoRA: ``hf-longlora train`` (the CLI, in process) extends the context ``--factor`` times (4x) with YaRN
    (its ramp fitted to a 256-token model, ``DEMO_ROPE_OPTIONS``) and trains LoRA on q/k/v/o plus the embeddings and
